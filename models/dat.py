@@ -7,12 +7,13 @@ Module and parameter names follow the official checkpoints so they load with ``s
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath
+from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
 from .dat_blocks import (DAttention, LayerNorm2d, LayerScale, LocalAttention, PyramidAttention,
@@ -40,7 +41,7 @@ def build_attention(letter: str, dim: int, s: StageSettings) -> nn.Module:
     if letter == 'D':
         return DAttention(dim, s.heads, s.groups, s.fmap_size, s.stride, s.offset_range_factor,
                           s.use_pe, s.dwc_pe, s.no_off, s.fixed_pe, s.ksize, s.log_cpb,
-                          s.attn_drop, s.proj_drop, arith=s.deform_arith)
+                          s.attn_drop, s.proj_drop, arith=s.deform_arith, attn_impl=s.attn_impl)
     if letter == 'N':
         return NeighborhoodAttention2D(dim, s.heads, s.nat_ksize, attn_drop=s.attn_drop,
                                        proj_drop=s.proj_drop, impl=s.attn_impl)
@@ -230,9 +231,52 @@ class DAT(nn.Module):
             x, pts = stage.forward_with_points(x)
             outs.append(x)
             points.append(pts)
-            if i < 3:
+            if i < len(self.down_projs):
                 x = self.down_projs[i](x)
         return outs, points
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, Sequence[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
+                              intermediates_only: bool = False
+                              ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs for dense prediction (timm's ``forward_intermediates`` protocol).
+
+        Each intermediate is the raw output of stage ``i`` (NCHW, ``dims[i]`` channels, stride
+        ``patch_size * 2**i``), taken before the next down-projection and without a norm: the
+        official detection / segmentation backbones add their own per-stage norms. ``norm=True``
+        applies ``cls_norm`` to the last stage's map only (the one norm this model owns).
+        ``indices``: None for all stages, an int for the last n, or a list of stage indices.
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f"DAT returns NCHW stage maps; got output_fmt={str(output_fmt)!r}")
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        last = len(self.stages) - 1
+        run = self.stages[:max_index + 1] if stop_early else self.stages
+        x = self.patch_proj(x)
+        intermediates = []
+        for i, stage in enumerate(run):
+            if i > 0:
+                x = self.down_projs[i - 1](x)
+            x = stage(x)
+            if i in take:
+                intermediates.append(self.cls_norm(x) if norm and i == last else x)
+        if intermediates_only:
+            return intermediates
+        if len(run) == len(self.stages) == 4:    # cls_norm fits only the last stage's width
+            x = self.cls_norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the stages after the last wanted one (and the norm / head) for a features-only model."""
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        self.down_projs = self.down_projs[:max_index]
+        if prune_norm or max_index < 3:
+            self.cls_norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised last-stage map (B, C, H/32, W/32)."""

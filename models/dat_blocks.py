@@ -236,8 +236,11 @@ class DAttention(nn.Module):
     def __init__(self, dim: int, heads: int, groups: int, fmap_size: int, stride: int,
                  offset_range_factor: float, use_pe: bool, dwc_pe: bool, no_off: bool,
                  fixed_pe: bool, ksize: int, log_cpb: bool, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, arith: str = 'pp'):
+                 proj_drop: float = 0.0, arith: str = 'pp', attn_impl: str = 'auto'):
         super().__init__()
+        if attn_impl not in ('auto', 'reference', 'fused'):
+            raise ValueError(f"attn_impl must be 'auto', 'reference' or 'fused', got {attn_impl!r}")
+        self.attn_impl = attn_impl
         if dim % heads or heads % groups:
             raise ValueError(f'deformable attention needs dim ({dim}) divisible by heads ({heads}) '
                              f'and heads divisible by groups ({groups})')
@@ -271,6 +274,7 @@ class DAttention(nn.Module):
         self.proj_v = nn.Conv2d(dim, dim, 1)
         self.proj_out = nn.Conv2d(dim, dim, 1)
         self.attn_drop = nn.Dropout(attn_drop)
+        self.attn_drop_p = attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
 
         self.rpe_table: Optional[nn.Module | nn.Parameter] = None
@@ -352,36 +356,52 @@ class DAttention(nn.Module):
         q = q.reshape(b * heads, self.head_dim, h * w)
         k = self.proj_k(sampled).reshape(b * heads, self.head_dim, n_keys)
         v = self.proj_v(sampled).reshape(b * heads, self.head_dim, n_keys)
-        attn = torch.einsum('bcm,bcn->bmn', q, k) * self.scale                  # (B*heads, HW, Ns)
 
-        lepe = None
+        lepe = bias = None
         if self.rpe_table is not None:
             if self.dwc_pe:
                 lepe = self.rpe_table(q.reshape(b, c, h, w)).reshape(b * heads, self.head_dim, h * w)
-            elif self.fixed_pe:
-                attn = attn + self.rpe_table[None].expand(b, -1, -1, -1).reshape(b * heads, h * w, n_keys)
             else:
-                grid = self._query_grid(h, w, b * g, dtype, device).reshape(b * g, h * w, 1, 2)
-                disp = grid - pos.reshape(b * g, 1, n_keys, 2)                   # (B*g, HW, Ns, 2)
-                if self.log_cpb:
-                    d = disp * 4.0
-                    d = torch.sign(d) * torch.log2(d.abs() + 1.0) / math.log2(8.0)
-                    bias = self.rpe_table(d)                                     # (B*g, HW, Ns, hg)
-                    bias = bias.permute(0, 3, 1, 2).reshape(b * heads, h * w, n_keys)
-                else:
-                    table = self.rpe_table[None].expand(b, -1, -1, -1)
-                    table = table.reshape(b * g, hg, *self.rpe_table.shape[-2:])
-                    bias = F.grid_sample(table, (disp * 0.5)[..., (1, 0)], mode='bilinear',
-                                         padding_mode='zeros', align_corners=True)
-                    bias = bias.reshape(b * heads, h * w, n_keys)
-                attn = attn + bias
+                bias = self._position_bias(pos, b, h, w, n_keys)               # (B*heads, HW, Ns)
 
-        attn = self.attn_drop(attn.softmax(dim=2))
-        out = torch.einsum('bmn,bcn->bcm', attn, v)
+        if self._use_fused(x):
+            # One fused kernel (flash / memory-efficient / math by backend) instead of
+            # materialising logits, softmax and weights separately; same arithmetic.
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias,
+                dropout_p=self.attn_drop_p if self.training else 0.0, scale=self.scale).transpose(1, 2)
+        else:
+            attn = torch.einsum('bcm,bcn->bmn', q, k) * self.scale              # (B*heads, HW, Ns)
+            if bias is not None:
+                attn = attn + bias
+            attn = self.attn_drop(attn.softmax(dim=2))
+            out = torch.einsum('bmn,bcn->bcm', attn, v)
         if lepe is not None:
             out = out + lepe
         out = self.proj_drop(self.proj_out(out.reshape(b, c, h, w)))
         return out, pos.reshape(b, g, hk, wk, 2), ref.reshape(b, g, hk, wk, 2)
+
+    def _use_fused(self, x: torch.Tensor) -> bool:
+        if self.attn_impl == 'auto':
+            return x.is_cuda
+        return self.attn_impl == 'fused'
+
+    def _position_bias(self, pos: torch.Tensor, b: int, h: int, w: int, n_keys: int) -> torch.Tensor:
+        """Additive logit bias (B*heads, HW, Ns) from the fixed, log-CPB or interpolated table."""
+        g, hg, heads = self.groups, self.group_heads, self.heads
+        if self.fixed_pe:
+            return self.rpe_table[None].expand(b, -1, -1, -1).reshape(b * heads, h * w, n_keys)
+        grid = self._query_grid(h, w, b * g, pos.dtype, pos.device).reshape(b * g, h * w, 1, 2)
+        disp = grid - pos.reshape(b * g, 1, n_keys, 2)                          # (B*g, HW, Ns, 2)
+        if self.log_cpb:
+            d = disp * 4.0
+            d = torch.sign(d) * torch.log2(d.abs() + 1.0) / math.log2(8.0)
+            bias = self.rpe_table(d)                                            # (B*g, HW, Ns, hg)
+            return bias.permute(0, 3, 1, 2).reshape(b * heads, h * w, n_keys)
+        table = self.rpe_table[None].expand(b, -1, -1, -1).reshape(b * g, hg, *self.rpe_table.shape[-2:])
+        bias = F.grid_sample(table, (disp * 0.5)[..., (1, 0)], mode='bilinear', padding_mode='zeros',
+                             align_corners=True)
+        return bias.reshape(b * heads, h * w, n_keys)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_points(x)[0]
