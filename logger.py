@@ -1,0 +1,60 @@
+"""Training logger: coloured console on rank 0, one plain-text file per rank."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from termcolor import colored
+
+__all__ = ['create_logger']
+
+_FILE_FORMAT = '[%(asctime)s %(name)s] (%(filename)s %(lineno)d): %(levelname)s %(message)s'
+_DATE_FORMAT = '%Y-%m-%d %H:%M:%S'
+# Marks the handlers this module attached, so a second call replaces them instead of doubling.
+_OWNED = '_dat_create_logger'
+
+
+class _ColorFormatter(logging.Formatter):
+    """Green time, yellow source location, red level name for warnings and errors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = colored(f"[{self.formatTime(record, _DATE_FORMAT)} {record.name}]", 'green')
+        where = colored(f"({record.filename} {record.lineno})", 'yellow')
+        level = record.levelname
+        if record.levelno >= logging.WARNING:
+            level = colored(level, 'red', attrs=['bold'])
+        message = record.getMessage()
+        if record.exc_info:
+            message = f"{message}\n{self.formatException(record.exc_info)}"
+        return f"{prefix} {where}: {level} {message}"
+
+
+def create_logger(output_dir: str, dist_rank: int = 0, name: str = '') -> logging.Logger:
+    """Return the logger ``name`` writing to ``<output_dir>/log_rank{dist_rank}.txt`` (appended, so a
+    resumed run continues its file) and, on rank 0 only, to stdout in colour.
+
+    Calling it again in the same process (e.g. with another ``output_dir``) replaces the handlers
+    it attached before rather than adding more.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO)
+    if name:
+        # A named logger should not print a second time through the root logger's handlers.
+        logger.propagate = False
+    for handler in [h for h in logger.handlers if getattr(h, _OWNED, False)]:
+        logger.removeHandler(handler)
+        handler.close()
+
+    if dist_rank == 0:
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(_ColorFormatter())
+        setattr(console, _OWNED, True)
+        logger.addHandler(console)
+
+    log_file = logging.FileHandler(os.path.join(output_dir, f'log_rank{dist_rank}.txt'), mode='a')
+    log_file.setFormatter(logging.Formatter(_FILE_FORMAT, datefmt=_DATE_FORMAT))
+    setattr(log_file, _OWNED, True)
+    logger.addHandler(log_file)
+    return logger

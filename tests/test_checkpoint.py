@@ -1,0 +1,410 @@
+"""Checkpoint files: atomic writes, pruning, resume discovery, safe loading, pretrained resizing, RNG."""
+import argparse
+import errno
+import logging
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from config import load_config  # noqa: E402
+from utils import (CheckpointError, CheckpointManager, atomic_save, find_resume, get_rng_state,  # noqa: E402
+                   load_checkpoint_file, load_model_state, load_pretrained, set_rng_state, unwrap_state_dict)
+
+FIXTURES = os.path.join(ROOT, '..', 'shared', 'fixtures', 'dat_official')
+LOG = logging.getLogger('test_checkpoint')
+
+
+def _one_line(err):
+    text = str(err)
+    assert '\n' not in text, text
+    return text
+
+
+# ----------------------------------------------------------------------------- atomic_save
+def test_atomic_save_round_trips_with_weights_only(tmp_path):
+    path = str(tmp_path / 'a.pth')
+    state = {'model': {'w': torch.arange(6.).reshape(2, 3)}, 'epoch': 3, 'config': 'MODEL:\n  NAME: x\n',
+             'betas': (0.9, 0.999), 'none': None, 'flags': [True, False]}
+    atomic_save(state, path)
+    loaded = torch.load(path, map_location='cpu', weights_only=True)
+    assert torch.equal(loaded['model']['w'], state['model']['w'])
+    assert {k: v for k, v in loaded.items() if k != 'model'} == {k: v for k, v in state.items() if k != 'model'}
+
+
+def test_disk_full_mid_write_keeps_previous_file_and_no_temp(tmp_path, monkeypatch):
+    path = str(tmp_path / 'ckpt_epoch_1.pth')
+    atomic_save({'epoch': 1, 'w': torch.ones(3)}, path)
+    before = open(path, 'rb').read()
+
+    def full_disk(obj, f):
+        f.write(b'\0' * 4096)                   # part of the data reached the disk ...
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))   # ... then the disk filled up
+    monkeypatch.setattr(torch, 'save', full_disk)
+    with pytest.raises(CheckpointError) as info:
+        atomic_save({'epoch': 2, 'w': torch.zeros(3)}, path)
+    message = _one_line(info.value)
+    assert path in message and os.strerror(errno.ENOSPC) in message
+    assert 'previous checkpoint kept' in message and 'free disk space' in message
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ['ckpt_epoch_1.pth']
+    assert open(path, 'rb').read() == before
+    assert load_checkpoint_file(path)['epoch'] == 1
+
+
+def test_interrupted_write_removes_temp_file(tmp_path, monkeypatch):
+    def interrupted(obj, f):
+        f.write(b'partial')
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, 'save', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({'a': 1}, str(tmp_path / 'x.pth'))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('bad, where', [
+    ({'config': argparse.Namespace(lr=1)}, "['config']"),
+    ({'max_accuracy': np.float64(80.0)}, "['max_accuracy']"),
+])
+def test_values_weights_only_cannot_load_are_refused_before_writing(tmp_path, bad, where):
+    with pytest.raises(CheckpointError, match='plain') as info:
+        atomic_save(bad, str(tmp_path / 'x.pth'))
+    assert where in _one_line(info.value)
+    assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- loading files
+def test_missing_file_names_path_and_fix(tmp_path):
+    path = str(tmp_path / 'nope.pth')
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint_file(path)
+    message = _one_line(info.value)
+    assert 'not found' in message and path in message and '--resume' in message
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'garbage', 'empty'])
+def test_damaged_file_is_reported_as_corrupt(tmp_path, damage):
+    path = str(tmp_path / 'c.pth')
+    atomic_save({'w': torch.randn(1000)}, path)
+    data = open(path, 'rb').read()
+    with open(path, 'wb') as f:
+        f.write({'truncate': data[:len(data) // 2], 'garbage': b'not a checkpoint\n', 'empty': b''}[damage])
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint_file(path)
+    message = _one_line(info.value)
+    assert 'truncated or corrupt' in message and path in message
+
+
+def test_unsafe_pickle_is_refused_and_convert_tool_recovers_weights(tmp_path):
+    path = str(tmp_path / 'official.pth')
+    weights = {'cls_head.weight': torch.randn(3, 4), 'cls_head.bias': torch.randn(3)}
+    torch.save({'model': weights, 'args': argparse.Namespace(lr=0.1), 'epoch': 5}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint_file(path)
+    message = _one_line(info.value)
+    assert 'refused' in message and 'safety' in message and 'argparse.Namespace' in message
+    assert 'tools/convert_checkpoint.py' in message
+
+    out = str(tmp_path / 'converted.pth')
+    run = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'convert_checkpoint.py'),
+                          '--in', path, '--out', out], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    converted = load_checkpoint_file(out)
+    assert set(converted) == {'model'}
+    assert all(torch.equal(converted['model'][k], v) for k, v in weights.items())
+
+
+def test_unwrap_state_dict_accepts_common_layouts():
+    sd = {'a.weight': torch.ones(2)}
+    assert unwrap_state_dict({'model': sd, 'optimizer': {'state': {}}, 'lr_scheduler': {}, 'epoch': 1}) is sd
+    assert unwrap_state_dict({'model': sd}) is sd
+    assert unwrap_state_dict({'state_dict': sd}) is sd
+    assert unwrap_state_dict(sd) is sd
+    with pytest.raises(CheckpointError, match="'model'"):
+        unwrap_state_dict({'epoch': 3, 'optimizer': {}})
+
+
+# ----------------------------------------------------------------------------- CheckpointManager
+def _state(tag):
+    return {'model': {'w': torch.full((2,), float(tag))}}
+
+
+def _names(directory):
+    return sorted(os.listdir(directory))
+
+
+def test_manager_prunes_to_keep_last_and_keeps_best(tmp_path):
+    manager = CheckpointManager(str(tmp_path), keep_last=2, logger=LOG)
+    manager.save(_state(0), epoch=0)
+    manager.save(_state(1), epoch=1, is_best=True)
+    manager.save(_state(2.1), epoch=2, iteration=10)
+    manager.save(_state(2.2), epoch=2, iteration=20)
+    assert 'ckpt_epoch_2_iter_10.pth' in _names(tmp_path)
+    manager.save(_state(2), epoch=2)
+    manager.save(_state(3), epoch=3, is_best=True)
+    last = manager.save(_state(4.1), epoch=4, iteration=5)
+    assert _names(tmp_path) == ['best.pth', 'ckpt_epoch_2.pth', 'ckpt_epoch_3.pth', 'ckpt_epoch_4_iter_5.pth']
+    best = load_checkpoint_file(str(tmp_path / 'best.pth'))
+    assert best['epoch'] == 3 and best['iteration'] is None and torch.equal(best['model']['w'], torch.full((2,), 3.))
+    assert manager.latest() == last == str(tmp_path / 'ckpt_epoch_4_iter_5.pth')
+    mid = load_checkpoint_file(last)
+    assert (mid['epoch'], mid['iteration']) == (4, 5)
+
+
+def test_saving_behind_newer_files_removes_the_abandoned_ones(tmp_path, caplog):
+    manager = CheckpointManager(str(tmp_path), keep_last=5, logger=LOG)
+    for epoch in range(4):
+        manager.save(_state(epoch), epoch=epoch)
+    manager.save(_state(4.5), epoch=4, iteration=50)
+    # resumed by hand from epoch 1: the run continues from there, epochs 2..4 belong to the old run
+    with caplog.at_level(logging.WARNING, logger='test_checkpoint'):
+        manager.save(_state(2), epoch=2)
+    assert _names(tmp_path) == ['ckpt_epoch_0.pth', 'ckpt_epoch_1.pth', 'ckpt_epoch_2.pth']
+    assert 'ckpt_epoch_3.pth' in caplog.text and 'ahead' in caplog.text
+    assert torch.equal(load_checkpoint_file(manager.latest())['model']['w'], torch.full((2,), 2.))
+
+
+def _truncate(path):
+    data = open(path, 'rb').read()
+    os.remove(path)      # a new file: best.pth may share the old one's data (hard link)
+    with open(path, 'wb') as f:
+        f.write(data[:len(data) // 2])
+
+
+def test_latest_skips_truncated_newest_with_warning(tmp_path, caplog):
+    manager = CheckpointManager(str(tmp_path), keep_last=3, logger=LOG)
+    for epoch in range(3):
+        manager.save(_state(epoch), epoch=epoch)
+    _truncate(str(tmp_path / 'ckpt_epoch_2.pth'))
+    with caplog.at_level(logging.WARNING, logger='test_checkpoint'):
+        found = find_resume(str(tmp_path), logger=LOG)
+    assert found == str(tmp_path / 'ckpt_epoch_1.pth')
+    assert 'ckpt_epoch_2.pth' in caplog.text and 'truncated or corrupt' in caplog.text
+
+
+def test_latest_falls_back_to_best_copy_of_the_newest_epoch(tmp_path):
+    manager = CheckpointManager(str(tmp_path), keep_last=3, logger=LOG)
+    manager.save(_state(0), epoch=0)
+    manager.save(_state(1), epoch=1, is_best=True)
+    _truncate(str(tmp_path / 'ckpt_epoch_1.pth'))
+    assert manager.latest() == str(tmp_path / 'best.pth')
+    # but a newer intact checkpoint wins over best
+    manager.save(_state(1.5), epoch=2, iteration=3)
+    assert manager.latest() == str(tmp_path / 'ckpt_epoch_2_iter_3.pth')
+
+
+def test_latest_ignores_best_from_an_abandoned_run(tmp_path, caplog):
+    manager = CheckpointManager(str(tmp_path), keep_last=3, logger=LOG)
+    for epoch in range(4):
+        manager.save(_state(epoch), epoch=epoch, is_best=epoch == 3)
+    manager.save(_state(1), epoch=1)           # resumed by hand from epoch 0: epochs 2, 3 are dropped
+    with caplog.at_level(logging.WARNING, logger='test_checkpoint'):
+        assert manager.latest() == str(tmp_path / 'ckpt_epoch_1.pth')
+    assert 'ignoring' in caplog.text and 'best.pth' in caplog.text
+
+
+def test_latest_of_empty_or_missing_dir_is_none(tmp_path):
+    assert find_resume(str(tmp_path)) is None
+    assert find_resume(str(tmp_path / 'not_there')) is None
+
+
+def test_manager_removes_stale_temp_files_of_killed_writes(tmp_path):
+    stale = tmp_path / '.ckpt_epoch_3.pth.1234.abcd.tmp'
+    stale.write_bytes(b'partial')
+    other = tmp_path / 'notes.tmp'
+    other.write_bytes(b'keep me')
+    manager = CheckpointManager(str(tmp_path), logger=LOG)
+    assert manager.latest() is None and stale.exists()        # looking never deletes
+    manager.save(_state(0), epoch=0)
+    assert _names(tmp_path) == ['ckpt_epoch_0.pth', 'notes.tmp']
+
+
+# ----------------------------------------------------------------------------- load_model_state
+class Small(nn.Module):
+    def __init__(self, width=4, extra_layers=0):
+        super().__init__()
+        self.fc = nn.Linear(width, 3)
+        self.blocks = nn.ModuleList([nn.Linear(4, 4) for _ in range(extra_layers)])
+
+
+def test_load_model_state_strips_wrapper_prefixes():
+    source, target = Small(), Small()
+    sd = {'module._orig_mod.' + k: v for k, v in source.state_dict().items()}
+    load_model_state(target, sd)
+    assert torch.equal(target.fc.weight, source.fc.weight)
+
+
+def test_load_model_state_mismatch_lists_names_and_shapes():
+    sd = Small(width=5, extra_layers=0).state_dict()
+    sd['stray.weight'] = torch.zeros(1)
+    with pytest.raises(CheckpointError) as info:
+        load_model_state(Small(width=4, extra_layers=6), sd)
+    message = _one_line(info.value)
+    assert 'different architecture or config' in message
+    assert 'fc.weight checkpoint (3, 5) vs model (3, 4)' in message
+    assert '1 unexpected: stray.weight' in message
+    assert '12 missing: blocks.0.weight' in message and '... and 4 more' in message   # 8 shown of 12
+
+
+# ----------------------------------------------------------------------------- load_pretrained
+class _Deform(nn.Module):
+    def __init__(self, fmap):
+        super().__init__()
+        self.proj_q = nn.Conv2d(4, 4, 1)
+        self.rpe_table = nn.Parameter(torch.randn(2, 2 * fmap - 1, 2 * fmap - 1))
+
+
+class _Window(nn.Module):
+    def __init__(self, window, fmap):
+        super().__init__()
+        self.relative_position_bias_table = nn.Parameter(torch.randn((2 * window - 1) ** 2, 2))
+        self.register_buffer('relative_position_index', torch.arange(window ** 4).reshape(window ** 2, -1))
+        self.register_buffer('attn_mask', torch.full(((fmap // window) ** 2, 1), float(fmap)))
+
+
+class MiniDat(nn.Module):
+    def __init__(self, fmap=12, window=7, classes=5):
+        super().__init__()
+        self.stages = nn.ModuleList([nn.ModuleDict({'attns': nn.ModuleList([_Window(window, fmap),
+                                                                            _Deform(fmap)])})])
+        self.cls_head = nn.Linear(4, classes)
+
+
+def _pretrained_config(path, map_file=''):
+    return load_config(opts=['MODEL.PRETRAINED', path, 'MODEL.MAP_22K_TO_1K', map_file])
+
+
+def _expected_table_resize(table, side):
+    """Per-head loop, written independently of utils: ((2w-1)^2, heads) table -> side x side."""
+    old = int(round(table.shape[0] ** 0.5))
+    cols = []
+    for h in range(table.shape[1]):
+        image = table[:, h].reshape(1, 1, old, old)
+        cols.append(F.interpolate(image, size=(side, side), mode='bicubic', align_corners=False).flatten())
+    return torch.stack(cols, dim=1)
+
+
+def test_load_pretrained_resizes_tables_and_keeps_resolution_buffers(tmp_path):
+    source = MiniDat(fmap=8, window=4, classes=5)       # rpe 15x15, bias table 7x7
+    path = str(tmp_path / 'pre.pth')
+    atomic_save({'model': source.state_dict(), 'optimizer': {}, 'epoch': 299}, path)
+    target = MiniDat(fmap=12, window=7, classes=5)      # rpe 23x23, bias table 13x13
+    own_index = target.stages[0]['attns'][0].relative_position_index.clone()
+    own_mask = target.stages[0]['attns'][0].attn_mask.clone()
+    load_pretrained(_pretrained_config(path), target, LOG)
+
+    src_rpe, rpe = source.stages[0]['attns'][1].rpe_table, target.stages[0]['attns'][1].rpe_table
+    assert rpe.shape == (2, 23, 23)
+    expected = F.interpolate(src_rpe.detach()[None], size=(23, 23), mode='bicubic', align_corners=False)[0]
+    assert torch.allclose(rpe, expected)
+    assert torch.allclose(rpe[:, 11, 11], src_rpe[:, 7, 7], atol=1e-6)   # zero displacement stays centred
+    table = target.stages[0]['attns'][0].relative_position_bias_table
+    assert torch.allclose(table, _expected_table_resize(
+        source.stages[0]['attns'][0].relative_position_bias_table.detach(), 13))
+    assert torch.equal(target.stages[0]['attns'][0].relative_position_index, own_index)
+    assert torch.equal(target.stages[0]['attns'][0].attn_mask, own_mask)
+    assert torch.equal(target.cls_head.weight, source.cls_head.weight)
+    assert torch.equal(target.stages[0]['attns'][1].proj_q.weight, source.stages[0]['attns'][1].proj_q.weight)
+
+
+@pytest.mark.parametrize('as_tensor', [False, True])
+def test_load_pretrained_maps_22k_head_rows_with_index_file(tmp_path, as_tensor):
+    source = MiniDat(fmap=12, classes=30)
+    path = str(tmp_path / 'pre22k.pth')
+    atomic_save({'model': source.state_dict()}, path)
+    rows = [29, 3, 17, 0, 8]
+    map_file = str(tmp_path / ('map.pth' if as_tensor else 'map.txt'))
+    if as_tensor:
+        torch.save(torch.tensor(rows), map_file)
+    else:
+        with open(map_file, 'w') as f:
+            f.write(''.join(f'{r}\n' for r in rows))
+    target = MiniDat(fmap=12, classes=5)
+    load_pretrained(_pretrained_config(path, map_file), target, LOG)
+    assert torch.equal(target.cls_head.weight, source.cls_head.weight[rows])
+    assert torch.equal(target.cls_head.bias, source.cls_head.bias[rows])
+
+
+def test_load_pretrained_without_map_trains_a_fresh_head(tmp_path, caplog):
+    path = str(tmp_path / 'pre.pth')
+    atomic_save({'model': MiniDat(classes=30).state_dict()}, path)
+    target = MiniDat(classes=5)
+    fresh = target.cls_head.weight.detach().clone()
+    with caplog.at_level(logging.WARNING, logger='test_checkpoint'):
+        load_pretrained(_pretrained_config(path), target, LOG)
+    assert torch.equal(target.cls_head.weight, fresh)
+    assert 'fresh' in caplog.text and '30 classes' in caplog.text
+
+
+def test_load_pretrained_bad_map_file_is_explained(tmp_path):
+    path = str(tmp_path / 'pre.pth')
+    atomic_save({'model': MiniDat(classes=30).state_dict()}, path)
+    map_file = tmp_path / 'map.txt'
+    map_file.write_text('1\n2\n40\n')
+    with pytest.raises(CheckpointError, match='NUM_CLASSES') as info:
+        load_pretrained(_pretrained_config(path, str(map_file)), MiniDat(classes=5), LOG)
+    _one_line(info.value)
+
+
+def test_load_pretrained_refuses_to_leave_backbone_weights_unloaded(tmp_path):
+    sd = MiniDat().state_dict()
+    del sd['stages.0.attns.1.proj_q.weight']
+    path = str(tmp_path / 'partial.pth')
+    atomic_save(sd, path)
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(_pretrained_config(path), MiniDat(), LOG)
+    message = _one_line(info.value)
+    assert '1 missing: stages.0.attns.1.proj_q.weight' in message
+
+
+def test_load_pretrained_on_real_model_at_higher_resolution(tmp_path):
+    """Official mini_pp weights (64 px, rpe 15x15 at stage 1) fine-tuned at 96 px (rpe 23x23)."""
+    models = pytest.importorskip('models', reason='models/ is not importable yet')
+    fixture = os.path.join(FIXTURES, 'mini_pp.pt')
+    if not hasattr(models, 'build_model') or not os.path.isfile(fixture):
+        pytest.skip('models.build_model or the mini_pp fixture is not available')
+    sd = torch.load(fixture, map_location='cpu', weights_only=True)['state_dict']
+    path = str(tmp_path / 'mini_pp.pth')
+    atomic_save({'model': sd}, path)
+    config = load_config(os.path.join(FIXTURES, 'mini_pp.yaml'),
+                         opts=['MODEL.DAT.img_size', '96', 'DATA.IMG_SIZE', '96', 'MODEL.PRETRAINED', path])
+    model = models.build_model(config).double()
+    load_pretrained(config, model, LOG)
+    own = model.state_dict()
+    assert sd['stages.1.attns.1.rpe_table'].shape[-1] == 15 and own['stages.1.attns.1.rpe_table'].shape[-1] == 23
+    for name, value in sd.items():
+        if own[name].shape == value.shape and not name.endswith(('relative_position_index', 'attn_mask')):
+            assert torch.equal(own[name], value), name
+    with torch.no_grad():
+        out = model.eval()(torch.randn(1, 3, 96, 96, dtype=torch.float64))
+    logits = out[0] if isinstance(out, tuple) else out
+    assert logits.shape == (1, 10) and torch.isfinite(logits).all()
+
+
+# ----------------------------------------------------------------------------- RNG state
+def _draw():
+    return (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), float(np.random.randn()),
+            torch.rand(3).tolist(), torch.randn(2).tolist())
+
+
+def test_rng_state_round_trip_through_weights_only_file(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    random.gauss(0, 1)            # leaves a cached Gaussian inside python's state
+    np.random.randn()
+    path = str(tmp_path / 'rng.pth')
+    atomic_save({'rng': get_rng_state()}, path)
+    expected = _draw()
+    _draw()                       # move every generator on
+    set_rng_state(load_checkpoint_file(path)['rng'])
+    assert _draw() == expected
