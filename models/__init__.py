@@ -1,4 +1,5 @@
-"""DAT / DAT++ models."""
+"""DAT / DAT++ models. Importing this package also registers the timm names (``models.registry``)."""
+from . import registry  # noqa: F401  (registers dat_pp_*, dat_plus_tiny, dat_v1_*, dat_custom with timm)
 from .build import build_model
 from .dat import DAT
 
