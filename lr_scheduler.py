@@ -90,15 +90,16 @@ def build_scheduler(config, optimizer: torch.optim.Optimizer, n_iter_per_epoch: 
     _set_unscaled_initial_lr(optimizer)
 
     if name == 'cosine':
+        # As the official recipe: one cosine over all EPOCHS (warm-up included), so at the
+        # end of warm-up the rate is already slightly below BASE_LR.
         return CosineLRScheduler(
             optimizer,
-            t_initial=decay_steps,
+            t_initial=total_steps,
             lr_min=float(train.MIN_LR),
             warmup_lr_init=float(train.WARMUP_LR),
             warmup_t=warmup_steps,
             cycle_limit=1,
             t_in_epochs=False,
-            warmup_prefix=True,   # the cosine starts where warm-up ends and ends at EPOCHS
         )
     if name == 'linear':
         return LinearLRScheduler(
