@@ -200,12 +200,46 @@ def _unsafe_globals(message: str) -> List[str]:
     return sorted(set(re.findall(r'GLOBAL ([\w.]+)', message)))
 
 
+class PickledConfig(dict):
+    """Plain-data stand-in for the yacs ``CfgNode`` that official training checkpoints pickle."""
+
+
+def _load_with_pickled_config(path: str) -> Any:
+    """Load an official training checkpoint that pickles its yacs config, still without running code.
+
+    ``weights_only`` loading rejects ``CfgNode`` (a dict subclass), so this unpickler admits exactly
+    torch's weights-only allow-list plus ``CfgNode``, which it rebuilds as a plain ``PickledConfig``.
+    """
+    import _compat_pickle
+    import pickle
+    import types
+    from torch import _weights_only_unpickler   # the allow-list behind weights_only=True
+    allowed = dict(_weights_only_unpickler._get_allowed_globals())
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            # protocol-2 pickles name Python 2 modules ('__builtin__.set'): map them as pickle does
+            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+            key = f'{module}.{name}'
+            if key == 'yacs.config.CfgNode':
+                return PickledConfig
+            if key in allowed:
+                return allowed[key]
+            raise pickle.UnpicklingError(f'GLOBAL {key} is not allowed')
+
+    restricted = types.SimpleNamespace(__name__='restricted_pickle', Unpickler=Unpickler,
+                                       load=lambda f, **kw: Unpickler(f, **kw).load())
+    return torch.load(path, map_location='cpu', weights_only=False, pickle_module=restricted)
+
+
 def load_checkpoint_file(path: str, mmap: bool = False) -> dict:
     """Load a checkpoint (``.pth`` / ``.pt`` / ``.safetensors``) safely onto the CPU.
 
     ``mmap=True`` maps tensor data lazily (cheap way to read the small fields of a big file).
     Raises CheckpointError for a missing, unreadable, truncated or corrupt file, and for a file
-    that needs unsafe unpickling (arbitrary Python objects), which is refused.
+    that needs unsafe unpickling (arbitrary Python objects), which is refused. Official training
+    checkpoints that pickle their yacs config are read through a restricted unpickler.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -225,6 +259,13 @@ def load_checkpoint_file(path: str, mmap: bool = False) -> dict:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror} (fix its permissions)") from e
     except Exception as e:
         message = str(e)
+        if 'CfgNode' in message:          # an official training checkpoint with its config
+            try:
+                ckpt = _load_with_pickled_config(path)
+            except Exception:             # anything beyond CfgNode: refused below
+                ckpt = None
+            if isinstance(ckpt, dict):
+                return ckpt
         unsafe = _unsafe_globals(message)
         if unsafe or 'Unsupported class' in message:
             what = ', '.join(unsafe) if unsafe else 'arbitrary classes'

@@ -408,3 +408,28 @@ def test_rng_state_round_trip_through_weights_only_file(tmp_path):
     _draw()                       # move every generator on
     set_rng_state(load_checkpoint_file(path)['rng'])
     assert _draw() == expected
+
+
+class _RunsCode:
+    """Unpickling this calls os.getcwd: stands in for any code a hostile pickle could run."""
+
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_official_training_checkpoint_with_yacs_config_loads(tmp_path):
+    """Official (Swin-style) training checkpoints pickle the yacs config: read them without running code."""
+    from config import load_config
+    path = tmp_path / 'official_full.pth'
+    torch.save({'model': {'w': torch.arange(3.)}, 'config': load_config(), 'epoch': 299, 'max_accuracy': 83.9}, path)
+    ckpt = load_checkpoint_file(str(path))
+    assert torch.equal(ckpt['model']['w'], torch.arange(3.)) and ckpt['epoch'] == 299
+    assert ckpt['config']['MODEL']['TYPE'] == 'dat' and type(ckpt['config']).__name__ == 'PickledConfig'
+
+
+def test_yacs_config_does_not_open_the_door_to_other_objects(tmp_path):
+    from config import load_config
+    path = tmp_path / 'hostile.pth'
+    torch.save({'model': {'w': torch.ones(1)}, 'config': load_config(), 'payload': _RunsCode()}, path)
+    with pytest.raises(CheckpointError, match='refused'):
+        load_checkpoint_file(str(path))
