@@ -49,6 +49,12 @@ _DENSE_MAX_TOKENS_PER_KEY = 16
 
 # --------------------------------------------------------------------------- geometry
 
+def _cached_geometry(fn):
+    """Memoise index tables per (size, kernel, device), and keep them out of ``torch.compile``
+    graphs: traced, the lru_cache would be bypassed and the tables rebuilt every step."""
+    return torch.compiler.disable(functools.lru_cache(maxsize=64)(fn))
+
+
 def _check_kernel_size(kernel_size: int) -> None:
     if not isinstance(kernel_size, int) or kernel_size < 3 or kernel_size % 2 == 0:
         raise ValueError(f'neighborhood attention needs an odd kernel_size >= 3, got {kernel_size!r}')
@@ -60,7 +66,7 @@ def _window_start(length: int, kernel_size: int, device: torch.device) -> Tensor
     return (pos - kernel_size // 2).clamp(0, length - kernel_size)
 
 
-@functools.lru_cache(maxsize=64)
+@_cached_geometry
 def _axis_tables(length: int, kernel_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """Per-axis lookup tables, both (kernel_size, length) int64.
 
@@ -75,7 +81,7 @@ def _axis_tables(length: int, kernel_size: int, device: torch.device) -> tuple[T
     return key, rel
 
 
-@functools.lru_cache(maxsize=64)
+@_cached_geometry
 def _dense_tables(height: int, width: int, kernel_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """Dense (N, N) tables, N = H*W: flat bias-table index and the neighbourhood mask."""
     with torch.inference_mode(False), torch.no_grad():
@@ -240,7 +246,7 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
-@functools.lru_cache(maxsize=64)
+@_cached_geometry
 def _flex_geometry(height: int, width: int, kernel_size: int, device: torch.device):
     """Token tables and block mask for one (H, W, K): built once and reused."""
     with torch.inference_mode(False), torch.no_grad():
