@@ -1,0 +1,227 @@
+"""Datasets, transforms, loaders and mixup built from the config (Swin / official DAT recipe).
+
+Loader contract: every loader from :func:`build_loader` yields 3-tuples
+``(images, targets, n_skipped)``:
+
+* ``images``: float ``Tensor[B, 3, S, S]`` (``S = DATA.IMG_SIZE``), ImageNet-normalised;
+* ``targets``: ``LongTensor[B]`` of class indices (mixup is *not* applied by the loader: call
+  ``mixup_fn(images, targets)`` in the training loop, as in Swin);
+* ``n_skipped``: ``int``, the number of unreadable files dropped from this batch (each is
+  logged once as a warning on logger ``'dat.data'``). ``B`` is the batch size minus
+  ``n_skipped`` and can be 0, in which case the loop must skip the batch.
+
+The training loader drops its last incomplete batch and uses
+:class:`~data.samplers.ResumableDistributedSampler`: call ``sampler.set_epoch(epoch)`` every
+epoch, or ``sampler.set_epoch(epoch, start_batch=k)`` to resume inside an epoch. The
+validation loader uses :class:`~data.samplers.DistributedEvalSampler` (no padding), so
+callers must all-reduce correct counts and totals across ranks.
+
+Reproducibility: sample order depends only on ``SEED`` and the epoch. Augmentation randomness
+in worker processes depends only on ``SEED``, the rank and the epoch (``SafeDataLoader``
+re-seeds per epoch); a mid-epoch resume therefore repeats the order exactly but not the
+random crops of the resumed batches. With ``DATA.NUM_WORKERS 0`` augmentations draw from the
+main process's global RNGs.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional, Tuple
+
+import torch
+from PIL import Image, ImageOps
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data.auto_augment import AugmentOp
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+from .folder import DataError, SafeDataLoader, SafeImageFolder, SkipBadCollate, check_data_root
+from .samplers import DistributedEvalSampler, ResumableDistributedSampler, dist_info
+
+__all__ = ['build_transform', 'build_dataset', 'build_loader', 'build_mixup', 'OddSafeMixup',
+           'eval_resize_size']
+
+_logger = logging.getLogger('dat.data')
+
+_INTERPOLATIONS = {
+    'bicubic': InterpolationMode.BICUBIC,
+    'bilinear': InterpolationMode.BILINEAR,
+    'nearest': InterpolationMode.NEAREST,
+    'lanczos': InterpolationMode.LANCZOS,
+    'hamming': InterpolationMode.HAMMING,
+    'box': InterpolationMode.BOX,
+}
+
+
+def _eval_interpolation(name: str) -> InterpolationMode:
+    """Interpolation for evaluation; timm's training-only 'random' falls back to bicubic."""
+    if name == 'random':
+        return InterpolationMode.BICUBIC
+    if name not in _INTERPOLATIONS:
+        raise DataError(f"DATA.INTERPOLATION '{name}' is not supported: use one of "
+                        f"{sorted(_INTERPOLATIONS) + ['random']}")
+    return _INTERPOLATIONS[name]
+
+
+def eval_resize_size(img_size: int) -> int:
+    """Shorter-side resize before the centre crop: ``int(256 / 224 * img_size)`` (Swin / DAT)."""
+    return int((256 / 224) * img_size)
+
+
+# ----------------------------------------------------------------------------- transforms
+def posterize_compat(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize with the 0-bit case of older Pillow (an all-black image).
+
+    RandAugment 'inc1' maps magnitude 10 (reached by m9 + mstd0.5 about 2% of the time) to
+    keeping 0 bits; recent Pillow (13 here) rejects that with a ValueError that kills the loader.
+    """
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _augment_ops(transform: Any):
+    """Every timm ``AugmentOp`` inside RandAugment / AutoAugment / AugMix of ``transform``."""
+    for t in getattr(transform, 'transforms', [transform]):
+        ops = list(getattr(t, 'ops', []))
+        for sub_policy in getattr(t, 'policy', []):
+            ops += list(sub_policy)
+        yield from (op for op in ops if isinstance(op, AugmentOp))
+
+
+def build_transform(is_train: bool, config: Any) -> transforms.Compose:
+    """Training: timm's RandAugment pipeline (RandomCrop with padding 4 for ``IMG_SIZE <= 32``;
+    posterize patched by :func:`posterize_compat`).
+    Evaluation: resize (+ centre crop with ``TEST.CROP``), tensor, ImageNet normalisation."""
+    size = int(config.DATA.IMG_SIZE)
+    if is_train:
+        aug = config.AUG
+        transform = create_transform(
+            input_size=size,
+            is_training=True,
+            color_jitter=aug.COLOR_JITTER if aug.COLOR_JITTER > 0 else None,
+            auto_augment=aug.AUTO_AUGMENT if aug.AUTO_AUGMENT != 'none' else None,
+            re_prob=aug.REPROB,
+            re_mode=aug.REMODE,
+            re_count=aug.RECOUNT,
+            interpolation=config.DATA.INTERPOLATION,
+        )
+        for op in _augment_ops(transform):
+            if op.name.startswith('Posterize'):
+                op.aug_fn = posterize_compat
+        if size <= 32:
+            # At CIFAR scale a random-resized crop destroys too much of the image.
+            transform.transforms[0] = transforms.RandomCrop(size, padding=4)
+        return transform
+
+    interpolation = _eval_interpolation(config.DATA.INTERPOLATION)
+    if config.TEST.CROP:
+        resize = [transforms.Resize(eval_resize_size(size), interpolation=interpolation),
+                  transforms.CenterCrop(size)]
+    else:
+        resize = [transforms.Resize((size, size), interpolation=interpolation)]
+    return transforms.Compose(resize + [
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ])
+
+
+# ----------------------------------------------------------------------------- datasets
+def _data_root(config: Any) -> str:
+    return os.path.expanduser(str(config.DATA.DATA_PATH or ''))
+
+
+def build_dataset(is_train: bool, config: Any) -> Tuple[SafeImageFolder, int]:
+    """``(dataset, num_classes)`` for ``DATA.DATA_PATH/train`` or ``/val`` (ImageNet layout)."""
+    dataset_name = str(config.DATA.DATASET).lower()
+    if dataset_name not in ('imagenet', 'imagefolder'):
+        raise DataError(f"DATA.DATASET '{config.DATA.DATASET}' is not supported: use 'imagenet' "
+                        f"(any ImageFolder layout with train/ and val/)")
+    root = _data_root(config)
+    split = 'train' if is_train else 'val'
+    check_data_root(root, splits=(split,))
+    dataset = SafeImageFolder(os.path.join(root, split), transform=build_transform(is_train, config))
+    return dataset, len(dataset.classes)
+
+
+# ----------------------------------------------------------------------------- mixup
+class OddSafeMixup(Mixup):
+    """timm ``Mixup`` that accepts odd batches by dropping their last sample.
+
+    timm pairs sample ``i`` with sample ``B-1-i`` and asserts an even ``B``; after corrupt files
+    are skipped a batch can be odd. Dropping one sample (images and targets alike) is cheaper
+    than padding and biases nothing. A batch of fewer than two samples comes back empty, with
+    soft targets of shape ``[0, num_classes]``.
+    """
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        n = x.shape[0] - x.shape[0] % 2
+        if n == 0:
+            return x[:0], torch.zeros(0, self.num_classes, device=x.device)
+        if n != x.shape[0]:
+            x, target = x[:n], target[:n]
+        return super().__call__(x, target)
+
+
+def build_mixup(config: Any) -> Optional[OddSafeMixup]:
+    """Mixup/CutMix from ``AUG.*`` with ``MODEL.LABEL_SMOOTHING``, or None when both are off."""
+    aug = config.AUG
+    active = aug.MIXUP > 0 or aug.CUTMIX > 0 or aug.CUTMIX_MINMAX is not None
+    if not active:
+        return None
+    return OddSafeMixup(
+        mixup_alpha=aug.MIXUP, cutmix_alpha=aug.CUTMIX, cutmix_minmax=aug.CUTMIX_MINMAX,
+        prob=aug.MIXUP_PROB, switch_prob=aug.MIXUP_SWITCH_PROB, mode=aug.MIXUP_MODE,
+        label_smoothing=config.MODEL.LABEL_SMOOTHING, num_classes=config.MODEL.NUM_CLASSES)
+
+
+# ----------------------------------------------------------------------------- loaders
+def _pin_memory(config: Any) -> bool:
+    # Pinning without an accelerator only produces a warning per loader iteration.
+    return bool(config.DATA.PIN_MEMORY) and torch.cuda.is_available()
+
+
+def build_loader(config: Any):
+    """``(dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn)``.
+
+    Works with and without an initialised process group. See the module docstring for what
+    the loaders yield and how to resume.
+    """
+    num_replicas, rank = dist_info()
+    root = _data_root(config)
+    check_data_root(root, splits=('train', 'val'))
+    dataset_train, num_classes = build_dataset(is_train=True, config=config)
+    dataset_val, _ = build_dataset(is_train=False, config=config)
+    _logger.info("rank %d/%d: %d train and %d val images in %d classes from %s", rank, num_replicas,
+                 len(dataset_train), len(dataset_val), num_classes, root)
+    if num_classes > config.MODEL.NUM_CLASSES:
+        raise DataError(f"the dataset has {num_classes} classes but MODEL.NUM_CLASSES is "
+                        f"{config.MODEL.NUM_CLASSES}: set MODEL.NUM_CLASSES {num_classes} "
+                        f"(--opts MODEL.NUM_CLASSES {num_classes})")
+    if num_classes < config.MODEL.NUM_CLASSES:
+        _logger.warning("the dataset has %d classes, fewer than MODEL.NUM_CLASSES=%d",
+                        num_classes, config.MODEL.NUM_CLASSES)
+
+    batch_size = int(config.DATA.BATCH_SIZE)
+    if len(dataset_train) < batch_size * num_replicas:
+        raise DataError(f"{len(dataset_train)} training images cannot fill one batch of "
+                        f"{batch_size} on each of {num_replicas} process(es): lower DATA.BATCH_SIZE "
+                        f"(--batch-size) or add images")
+    sampler_train = ResumableDistributedSampler(
+        dataset_train, num_replicas=num_replicas, rank=rank, shuffle=True,
+        seed=int(config.SEED), batch_size=batch_size)
+    sampler_val = DistributedEvalSampler(dataset_val, num_replicas=num_replicas, rank=rank)
+
+    collate = SkipBadCollate(image_size=int(config.DATA.IMG_SIZE))
+    common = dict(num_workers=int(config.DATA.NUM_WORKERS), pin_memory=_pin_memory(config),
+                  collate_fn=collate)
+    data_loader_train = SafeDataLoader(
+        dataset_train, sampler=sampler_train, batch_size=batch_size, drop_last=True,
+        generator=torch.Generator(), seed=int(config.SEED) + rank, **common)
+    data_loader_val = SafeDataLoader(
+        dataset_val, sampler=sampler_val, batch_size=batch_size, shuffle=False, drop_last=False,
+        **common)
+
+    return dataset_train, dataset_val, data_loader_train, data_loader_val, build_mixup(config)
