@@ -31,7 +31,7 @@ from .errors import DataError
 __all__ = ['make_demo_dataset', 'SHAPES', 'MANIFEST', 'render_image', 'class_name']
 
 MANIFEST = 'demo_manifest.json'
-_VERSION = 1           # bump when the drawing changes, so old folders are regenerated
+_VERSION = 2           # bump when the drawing changes, so old folders are regenerated
 _JPEG_QUALITY = 90
 _SPLITS = {'train': 0, 'val': 1}
 

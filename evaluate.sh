@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Evaluate a checkpoint (ours or an official release file) on the val split, on one node.
+#
+#   ./evaluate.sh NUM_GPUS CONFIG CHECKPOINT [extra main.py args...]
+#   DAT_DATA_PATH=/data/imagenet ./evaluate.sh 8 configs/dat_tiny.yaml dat_pp_tiny_in1k_224.pth
+#
+# The dataset comes from --data-path among the extra arguments or from $DAT_DATA_PATH.
+# Environment: PORT (rendezvous port, default 29501), TORCHRUN (launcher, default torchrun).
+set -euo pipefail
+
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2; exit 2; }
+[ $# -ge 3 ] || usage
+
+NUM_GPUS=$1
+CFG=$2
+CKPT=$3
+shift 3
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+exec ${TORCHRUN:-torchrun} --nproc_per_node "$NUM_GPUS" --master_port "${PORT:-29501}" \
+    "$HERE/main.py" --cfg "$CFG" --eval --resume "$CKPT" --amp "$@"

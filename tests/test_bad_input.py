@@ -1,0 +1,116 @@
+"""Mistakes a user can make end in one clear line on stderr (exit status 2; 3 for a diverged
+run), never a traceback, and never damage what an earlier run saved in the output folder."""
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+
+from conftest import MODEL_NAME, TINY_OPTS, file_digests, load_ckpt, run_main, tiny_args
+
+TAG = 'case'
+
+
+def _copy_tree(src: str, dst: Path, rename_last_val_class: bool = False, drop: str = '') -> str:
+    shutil.copytree(src, dst)
+    if drop:
+        shutil.rmtree(dst / drop)
+    if rename_last_val_class:
+        last = sorted((dst / 'val').iterdir())[-1]
+        last.rename(dst / 'val' / 'n9999_other')
+        (dst / 'renamed').write_text(last.name)
+    return str(dst)
+
+
+def _unsafe_checkpoint(path: Path, good: Path) -> str:
+    # Like the official release files: weights plus a pickled Python object.
+    torch.save({'model': load_ckpt(good)['model'], 'args': argparse.Namespace(lr=0.1)}, path)
+    return str(path)
+
+
+# (id, args(tmp_path, tiny_data, saved_checkpoint) -> argv, exit status, words in the message)
+CASES: List[tuple] = [
+    ('data-path-missing',
+     lambda t, d, c: tiny_args(str(t / 'nowhere')), 2,
+     ["data path", "nowhere", "does not exist", "--data-path"]),
+    ('data-path-unset',
+     lambda t, d, c: ['--opts', *TINY_OPTS], 2,
+     ["DATA.DATA_PATH is empty", "--data-path", "DAT_DATA_PATH"]),
+    ('no-val-folder',
+     lambda t, d, c: tiny_args(_copy_tree(d, t / 'noval', drop='val')), 2,
+     ["has no 'val/' folder"]),
+    ('class-folders-differ',
+     lambda t, d, c: tiny_args(_copy_tree(d, t / 'differ', rename_last_val_class=True)), 2,
+     ["class folders differ", "only in train/: {renamed}", "only in val/: n9999_other"]),
+    ('unknown-config-key',
+     lambda t, d, c: tiny_args(d, 'TRAIN.EPOCH', '3'), 2,
+     ["unknown config key 'TRAIN.EPOCH'", "did you mean 'TRAIN.EPOCHS'"]),
+    ('wrong-value-type',
+     lambda t, d, c: tiny_args(d, 'TRAIN.EPOCHS', 'many'), 2,
+     ["'TRAIN.EPOCHS' expects int", "'many'"]),
+    ('checkpoint-not-found',
+     lambda t, d, c: ['--eval', '--resume', str(t / 'missing.pth'), *tiny_args(d)], 2,
+     ["checkpoint not found", "missing.pth"]),
+    ('checkpoint-other-architecture',   # auto-resume finds the tiny model's checkpoint; the demo model is wider
+     lambda t, d, c: ['--data-path', d, '--opts', 'MODEL.NUM_CLASSES', '3', 'MODEL.DAT.num_classes', '3',
+                      'DATA.BATCH_SIZE', '4', 'DATA.NUM_WORKERS', '0', 'TENSORBOARD', 'False'], 2,
+     ["does not fit the model", "with another shape", "patch_proj.0.weight checkpoint (4, 3, 3, 3) vs model (16, 3, 3, 3)"]),
+    ('checkpoint-needs-unpickling',
+     lambda t, d, c: ['--eval', '--resume', _unsafe_checkpoint(t / 'official.pth', c), *tiny_args(d)], 2,
+     ["refused", "argparse.Namespace", "tools/convert_checkpoint.py"]),
+    ('input-size-incompatible',        # a window-7 block on a 16x16 first stage
+     lambda t, d, c: tiny_args(d, 'MODEL.DAT.stage_spec', "[['L'],['N'],['N','D'],['D']]"), 2,
+     ["DATA.IMG_SIZE 64", "window attention needs feature maps divisible by window_size=7, got 16x16"]),
+    ('loss-diverges',                  # resumes from the good checkpoint, then a huge learning rate
+     lambda t, d, c: tiny_args(d, 'TRAIN.BASE_LR', '1e8', 'TRAIN.MAX_NONFINITE_STEPS', '3'), 3,
+     ["loss was non-finite for 3 optimizer steps in a row", "stopped without saving",
+      "Last good checkpoint:", "ckpt_epoch_0.pth", "Lower TRAIN.BASE_LR"]),
+]
+
+
+@pytest.mark.parametrize('case_id, make_args, status, words', CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_harmless(case_id, make_args, status, words, tmp_path, tiny_data,
+                                            tiny_reference):
+    # What an earlier run left in the output folder: a good checkpoint (epoch 0 of the tiny run).
+    out_dir = tmp_path / 'out' / MODEL_NAME / TAG
+    out_dir.mkdir(parents=True)
+    good = out_dir / 'ckpt_epoch_0.pth'
+    shutil.copy(tiny_reference.output / 'ckpt_epoch_0.pth', good)
+    shutil.copy(tiny_reference.output / 'config.yaml', out_dir)
+    before = file_digests(out_dir)
+
+    run = run_main(make_args(tmp_path, tiny_data, good), tmp_path / 'out', tag=TAG)
+
+    assert run.returncode == status, run.stderr[-3000:]
+    assert 'Traceback' not in run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    message = lines[-1]
+    assert message.startswith('error: '), run.stderr[-2000:]
+    renamed = tmp_path / 'differ' / 'renamed'
+    for word in words:
+        word = word.format(renamed=renamed.read_text() if renamed.exists() else '')
+        assert word in message, f"{word!r} not in {message!r}"
+    # Nothing saved before was changed, and no checkpoint was added. (A run that got as far as
+    # training records its own config.yaml; the checkpoints are what must stay untouched.)
+    skip = ('config.yaml',) if status == 3 else ()
+    assert file_digests(out_dir, skip) == {k: v for k, v in before.items() if k not in skip}
+    assert load_ckpt(good)['epoch'] == 0
+
+
+def test_diverged_run_resumes_from_the_kept_checkpoint(tmp_path, tiny_data, tiny_reference):
+    """After the stop, the same command with a sane learning rate continues from the kept state."""
+    out_dir = tmp_path / MODEL_NAME / TAG
+    out_dir.mkdir(parents=True)
+    shutil.copy(tiny_reference.output / 'ckpt_epoch_0.pth', out_dir)
+    bad = run_main(tiny_args(tiny_data, 'TRAIN.BASE_LR', '1e8', 'TRAIN.MAX_NONFINITE_STEPS', '2',
+                             'TRAIN.EPOCHS', '2'), tmp_path, tag=TAG)
+    assert bad.returncode == 3
+    assert 'non-finite loss at epoch 1' in bad.stdout
+    good = run_main(tiny_args(tiny_data, 'TRAIN.EPOCHS', '2'), tmp_path, tag=TAG).check()
+    assert 'resumed: epoch 1, iteration 0' in good.log()
+    final = load_ckpt(out_dir / 'ckpt_epoch_1.pth')
+    assert all(torch.isfinite(t).all() for t in final['model'].values() if t.is_floating_point())
