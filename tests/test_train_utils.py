@@ -88,8 +88,10 @@ def test_two_gloo_processes_reduce_across_ranks(tmp_path):
         t = torch.tensor([float(rank + 1), 10.0])
         s, m = all_reduce_sum(t), reduce_mean(t)
         barrier()
-        print(f"RESULT {{rank}} {{world}} {{local}} {{device}} {{is_dist()}} {{get_rank()}} {{get_world_size()}} "
-              f"{{is_main_process()}} {{s.tolist()}} {{m.tolist()}} {{t.tolist()}}", flush=True)
+        # one file per rank: the ranks share stdout, where their lines can interleave
+        with open(f"{tmp_path}/rank{{rank}}.txt", "w") as out:
+            out.write(f"{{rank}} {{world}} {{local}} {{device}} {{is_dist()}} {{get_rank()}} {{get_world_size()}} "
+                      f"{{is_main_process()}} {{s.tolist()}} {{m.tolist()}} {{t.tolist()}}")
         cleanup_distributed()
     """))
     env = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'OMP_NUM_THREADS': '1'}
@@ -98,7 +100,7 @@ def test_two_gloo_processes_reduce_across_ranks(tmp_path):
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(script)],
         capture_output=True, text=True, timeout=180, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
-    lines = sorted(line.split(' ', 1)[1] for line in run.stdout.splitlines() if line.startswith('RESULT'))
+    lines = [(tmp_path / f'rank{r}.txt').read_text() for r in range(2)]
     assert lines == [
         '0 2 0 cpu True 0 2 True [3.0, 20.0] [1.5, 10.0] [1.0, 10.0]',
         '1 2 1 cpu True 1 2 False [3.0, 20.0] [1.5, 10.0] [2.0, 10.0]',

@@ -399,32 +399,28 @@ class Workload:
             self.optimizer.step()
 
 
-def measure(work: Workload, row: Row, warmup: int, iters: int) -> None:
-    """Inference first (no gradients or optimizer state exist yet), then training."""
+def _time_phase(work: Workload, step, warmup: int, iters: int) -> Tuple[float, float, float]:
+    """(first step seconds, images/s, peak memory GiB) of one phase (inference or training)."""
     device, batch = work.device, work.x.shape[0]
     memory = PeakMemory(device)
+    memory.reset()
+    t0 = time.perf_counter()
+    step()
+    _sync(device)
+    first = time.perf_counter() - t0
+    for _ in range(max(warmup - 1, 0)):
+        step()
+    return first, batch / seconds_per_step(step, iters, device), memory.peak_gib()
 
+
+def measure(work: Workload, row: Row, warmup: int, iters: int) -> None:
+    """Inference first (no gradients or optimizer state exist yet), then training."""
     work.model.eval()
-    memory.reset()
-    t0 = time.perf_counter()
-    work.infer_step()
-    _sync(device)
-    row.first_infer_step_s = time.perf_counter() - t0
-    for _ in range(max(warmup - 1, 0)):
-        work.infer_step()
-    row.infer_img_s = batch / seconds_per_step(work.infer_step, iters, device)
-    row.infer_peak_mem_gib = memory.peak_gib()
-
+    row.first_infer_step_s, row.infer_img_s, row.infer_peak_mem_gib = _time_phase(
+        work, work.infer_step, warmup, iters)
     work.model.train()
-    memory.reset()
-    t0 = time.perf_counter()
-    work.train_step()
-    _sync(device)
-    row.first_train_step_s = time.perf_counter() - t0
-    for _ in range(max(warmup - 1, 0)):
-        work.train_step()
-    row.train_img_s = batch / seconds_per_step(work.train_step, iters, device)
-    row.train_peak_mem_gib = memory.peak_gib()
+    row.first_train_step_s, row.train_img_s, row.train_peak_mem_gib = _time_phase(
+        work, work.train_step, warmup, iters)
 
 
 def profile_top_ops(work: Workload, steps: int, limit: int = 15) -> Tuple[str, List[dict]]:
