@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
 from torch.nn.parallel import DistributedDataParallel
 
 from config import ConfigError, get_config
@@ -160,13 +161,6 @@ def _build_criterion(config, mixup_fn) -> nn.Module:
     if config.MODEL.LABEL_SMOOTHING > 0.0:
         return nn.CrossEntropyLoss(label_smoothing=config.MODEL.LABEL_SMOOTHING)
     return nn.CrossEntropyLoss()
-
-
-class SoftTargetCrossEntropy(nn.Module):
-    """Cross entropy against a probability distribution per sample (mixup / cutmix targets)."""
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
 def _progress_to_resume(ckpt: dict) -> Tuple[int, int]:

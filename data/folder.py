@@ -146,9 +146,7 @@ def check_data_root(root: str, splits: Sequence[str] = ('train', 'val')) -> None
         if not os.path.isdir(split_dir):
             raise DataError(f"data path '{root}' has no '{split}/' folder: it must hold train/ and "
                             f"val/, each with one sub-folder per class (ImageNet layout)")
-        if not _class_dirs(split_dir):
-            raise DataError(f"'{split_dir}' has no class folders: put each class's images in "
-                            f"'{split_dir}/<class name>/'")
+        _require_class_dirs(split_dir)
     present = [s for s in ('train', 'val') if os.path.isdir(os.path.join(root, s))]
     if len(present) == 2:
         train, val = (set(_class_dirs(os.path.join(root, s))) for s in present)
@@ -160,6 +158,12 @@ def check_data_root(root: str, splits: Sequence[str] = ('train', 'val')) -> None
                 parts.append(f"only in val/: {_listed(val - train)}")
             raise DataError(f"class folders differ between '{root}/train' and '{root}/val' "
                             f"({'; '.join(parts)}): both splits need the same class folders")
+
+
+def _require_class_dirs(split_dir: str) -> None:
+    if not _class_dirs(split_dir):
+        raise DataError(f"'{split_dir}' has no class folders: put each class's images in "
+                        f"'{split_dir}/<class name>/'")
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -176,9 +180,7 @@ class SafeImageFolder(ImageFolder):
         if not os.path.isdir(root):
             raise DataError(f"'{root}' is not a folder: point DATA.DATA_PATH (--data-path) at the "
                             f"folder holding train/ and val/")
-        if not _class_dirs(root):
-            raise DataError(f"'{root}' has no class folders: put each class's images in "
-                            f"'{root}/<class name>/'")
+        _require_class_dirs(root)
         super().__init__(root, transform=transform, target_transform=target_transform,
                          loader=load_rgb, is_valid_file=is_image_file, allow_empty=True)
         if not self.samples:
