@@ -10,7 +10,7 @@ import argparse
 import ast
 import difflib
 import os
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Dict, Hashable, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import yaml
 from yacs.config import CfgNode as CN
@@ -32,6 +32,9 @@ _C.DATA.IMG_SIZE = 224
 _C.DATA.INTERPOLATION = 'bicubic'
 _C.DATA.PIN_MEMORY = True
 _C.DATA.NUM_WORKERS = 8
+# Workers ship uint8 images; the loader normalises them (and applies random erasing) on the
+# training device, as timm's prefetcher does. Same distribution as the float pipeline.
+_C.DATA.DEVICE_NORMALIZE = False
 
 # ----------------------------------------------------------------------------- model
 _C.MODEL = CN()
@@ -39,8 +42,6 @@ _C.MODEL.TYPE = 'dat'
 _C.MODEL.NAME = 'dat_tiny'
 _C.MODEL.RESUME = ''
 _C.MODEL.NUM_CLASSES = 1000
-_C.MODEL.DROP_RATE = 0.0
-_C.MODEL.DROP_PATH_RATE = 0.1
 _C.MODEL.LABEL_SMOOTHING = 0.1
 _C.MODEL.PRETRAINED = None
 # Index file (one 22K class index per line, or a saved tensor) mapping a 22K head to 1K classes.
@@ -145,6 +146,10 @@ _C.AUG.MIXUP_MODE = 'batch'
 # ----------------------------------------------------------------------------- testing
 _C.TEST = CN()
 _C.TEST.CROP = True
+# Evaluation resize: 'square' (official: the image is stretched to a square, then centre-cropped
+# with TEST.CROP) or 'shorter_side' (Swin: the shorter side is resized, aspect ratio kept; only
+# differs from 'square' with TEST.CROP).
+_C.TEST.RESIZE_MODE = 'square'
 
 # ----------------------------------------------------------------------------- misc
 _C.AMP = False
@@ -161,13 +166,143 @@ _C.THROUGHPUT_MODE = False
 _C.LOCAL_RANK = 0
 
 
+# ----------------------------------------------------------------------------- valid values
+class _Range(NamedTuple):
+    """Allowed values of a numeric key (every element, for a list): ``lo``/``hi`` bounds (``None``:
+    unbounded), open or closed, plus ``extra`` single values (``-1`` meaning "off" or "auto")."""
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    lo_open: bool = False
+    hi_open: bool = False
+    extra: Tuple[float, ...] = ()
+
+    def admits(self, v: float) -> bool:
+        if v in self.extra:
+            return True
+        if v != v:                      # NaN
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        if self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi):
+            return False
+        return True
+
+    def describe(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            text = f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        elif self.lo is not None:
+            text = f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        elif self.hi is not None:
+            text = f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        else:
+            text = 'any number'
+        return ' or '.join([f'{e:g}' for e in self.extra] + [text])
+
+
+_POSITIVE_INT = _Range(1)
+_NON_NEGATIVE = _Range(0)
+_POSITIVE = _Range(0, lo_open=True)
+_PROBABILITY = _Range(0, 1)
+_RATE = _Range(0, 1, hi_open=True)          # dropout, smoothing, momentum: 1 would drop everything
+_AUTO_OR_POSITIVE = _Range(1, extra=(-1,))  # -1: the official "not used / automatic"
+_ANY = _Range()
+
+# Every numeric key; a test checks that none is missing. List keys are checked element-wise.
+RANGES: Dict[str, _Range] = {
+    'DATA.BATCH_SIZE': _POSITIVE_INT,
+    'DATA.IMG_SIZE': _POSITIVE_INT,
+    'DATA.NUM_WORKERS': _NON_NEGATIVE,
+    'MODEL.NUM_CLASSES': _POSITIVE_INT,
+    'MODEL.LABEL_SMOOTHING': _RATE,
+    'MODEL.DAT.img_size': _POSITIVE_INT,
+    'MODEL.DAT.patch_size': _POSITIVE_INT,
+    'MODEL.DAT.num_classes': _POSITIVE_INT,
+    'MODEL.DAT.expansion': _POSITIVE,
+    'MODEL.DAT.dim_stem': _POSITIVE_INT,
+    'MODEL.DAT.dims': _POSITIVE_INT,
+    'MODEL.DAT.depths': _POSITIVE_INT,
+    'MODEL.DAT.heads': _POSITIVE_INT,
+    'MODEL.DAT.heads_q': _POSITIVE_INT,
+    'MODEL.DAT.window_sizes': _POSITIVE_INT,
+    'MODEL.DAT.drop_rate': _RATE,
+    'MODEL.DAT.attn_drop_rate': _RATE,
+    'MODEL.DAT.drop_path_rate': _RATE,
+    'MODEL.DAT.strides': _AUTO_OR_POSITIVE,
+    'MODEL.DAT.offset_range_factor': _ANY,        # negative: offsets clamped instead of scaled
+    'MODEL.DAT.groups': _AUTO_OR_POSITIVE,
+    'MODEL.DAT.sr_ratios': _AUTO_OR_POSITIVE,
+    'MODEL.DAT.ns_per_pts': _ANY,                 # unused by the model
+    'MODEL.DAT.ksizes': _POSITIVE_INT,
+    'MODEL.DAT.ksize_qnas': _POSITIVE_INT,
+    'MODEL.DAT.nqs': _POSITIVE_INT,
+    'MODEL.DAT.nat_ksizes': _POSITIVE_INT,
+    'MODEL.DAT.layer_scale_values': _ANY,         # <= 0: no layer scale
+    'TRAIN.START_EPOCH': _NON_NEGATIVE,
+    'TRAIN.EPOCHS': _POSITIVE_INT,
+    'TRAIN.WARMUP_EPOCHS': _NON_NEGATIVE,
+    'TRAIN.WEIGHT_DECAY': _NON_NEGATIVE,
+    'TRAIN.BASE_LR': _POSITIVE,
+    'TRAIN.WARMUP_LR': _NON_NEGATIVE,
+    'TRAIN.MIN_LR': _NON_NEGATIVE,
+    'TRAIN.CLIP_GRAD': _NON_NEGATIVE,             # 0 or null: no clipping
+    'TRAIN.ACCUMULATION_STEPS': _POSITIVE_INT,
+    'TRAIN.SAVE_ITER_FREQ': _NON_NEGATIVE,
+    'TRAIN.KEEP_CHECKPOINTS': _ANY,               # <= 0: keep all
+    'TRAIN.MAX_NONFINITE_STEPS': _POSITIVE_INT,
+    'TRAIN.LR_SCHEDULER.DECAY_EPOCHS': _POSITIVE,
+    'TRAIN.LR_SCHEDULER.DECAY_RATE': _POSITIVE,
+    'TRAIN.OPTIMIZER.EPS': _POSITIVE,
+    'TRAIN.OPTIMIZER.BETAS': _RATE,
+    'TRAIN.OPTIMIZER.MOMENTUM': _RATE,
+    'TRAIN.EMA.DECAY': _PROBABILITY,
+    'AUG.COLOR_JITTER': _NON_NEGATIVE,
+    'AUG.REPROB': _PROBABILITY,
+    'AUG.RECOUNT': _POSITIVE_INT,
+    'AUG.MIXUP': _NON_NEGATIVE,
+    'AUG.CUTMIX': _NON_NEGATIVE,
+    'AUG.CUTMIX_MINMAX': _Range(0, 1, lo_open=True),
+    'AUG.MIXUP_PROB': _PROBABILITY,
+    'AUG.MIXUP_SWITCH_PROB': _PROBABILITY,
+    'SAVE_FREQ': _POSITIVE_INT,
+    'PRINT_FREQ': _POSITIVE_INT,
+    'SEED': _NON_NEGATIVE,
+    'LOCAL_RANK': _Range(-1),
+}
+
+CHOICES: Dict[str, Tuple[str, ...]] = {
+    'DATA.INTERPOLATION': ('bicubic', 'bilinear', 'nearest', 'lanczos', 'hamming', 'box', 'random'),
+    'DATA.DATASET': ('imagenet', 'imagefolder'),
+    'MODEL.ATTN_IMPL': ('auto', 'reference', 'fused'),
+    'MODEL.DAT.deform_arith': ('pp', 'v1'),
+    'MODEL.DAT.qna_activation': ('exp', 'sigmoid', 'linear'),
+    'AMP_DTYPE': ('float16', 'bfloat16'),
+    'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd'),
+    'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step'),
+    'AUG.REMODE': ('pixel', 'rand', 'const'),
+    'AUG.MIXUP_MODE': ('batch', 'pair', 'elem'),
+    'TEST.RESIZE_MODE': ('square', 'shorter_side'),
+}
+# Case-insensitive choices (the official code lower-cases these names).
+_ANY_CASE = ('TRAIN.OPTIMIZER.NAME', 'TRAIN.LR_SCHEDULER.NAME', 'DATA.DATASET')
+
+# Pairs of keys that hold one value: setting either sets both (the later source wins); one
+# source giving both with different values is an error.
+ALIASES: Tuple[Tuple[str, str], ...] = (('MODEL.NUM_CLASSES', 'MODEL.DAT.num_classes'),)
+
+# Keys the official (Swin-derived) config declared but the DAT model never read.
+_MOVED = {'MODEL.DROP_RATE': 'MODEL.DAT.drop_rate', 'MODEL.DROP_PATH_RATE': 'MODEL.DAT.drop_path_rate'}
+
+
 # ----------------------------------------------------------------------------- merging
+Sources = Dict[str, str]    # full key -> where its value came from (a file, '--opts', a flag)
+
+
 def _decode(value: Any) -> Any:
     """Strings that spell Python literals become them (PyYAML reads ``2e-05`` as a string)."""
     if isinstance(value, str):
         try:
             return ast.literal_eval(value)
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             return value
     return value
 
@@ -196,13 +331,18 @@ def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
 
 
 def _unknown_key(key: str, node: CN, source: str) -> ConfigError:
+    if key in _MOVED:
+        return ConfigError(f"{source}: config key '{key}' is not used by DAT; set '{_MOVED[key]}' instead")
     parent, _, leaf = key.rpartition('.')
     close = difflib.get_close_matches(leaf, list(node.keys()), n=1)
     hint = f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ''
     return ConfigError(f"{source}: unknown config key '{key}'{hint}")
 
 
-def _merge_dict(node: CN, update: dict, source: str, prefix: str = '') -> None:
+def _merge_dict(node: CN, update: dict, source: str, prefix: str = '',
+                given: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Merge ``update`` into ``node``; returns ``given``: every leaf key set, with its new value."""
+    given = {} if given is None else given
     for raw_key, value in update.items():
         key = str(raw_key)
         full = prefix + key
@@ -217,42 +357,122 @@ def _merge_dict(node: CN, update: dict, source: str, prefix: str = '') -> None:
         if isinstance(default, CN):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: key '{full}' is a section and needs a mapping, got {value!r}")
-            _merge_dict(default, value, source, full + '.')
+            _merge_dict(default, value, source, full + '.', given)
         else:
             node[key] = _coerce(value, default, full, source)
+            given[full] = node[key]
+    return given
 
 
-def merge_file(config: CN, cfg_file: str) -> None:
+def _get(config: CN, key: str) -> Any:
+    node: Any = config
+    for part in key.split('.'):
+        node = node[part]
+    return node
+
+
+def _set(config: CN, key: str, value: Any) -> None:
+    parent, _, leaf = key.rpartition('.')
+    (_get(config, parent) if parent else config)[leaf] = value
+
+
+def _apply(config: CN, given: Dict[str, Any], source: str, sources: Optional[Sources]) -> None:
+    """Record where the keys of one source came from and keep aliased keys equal."""
+    for a, b in ALIASES:
+        if a in given and b in given and given[a] != given[b]:
+            raise ConfigError(f"{source}: {a} is {given[a]!r} but {b} is {given[b]!r}; they are the "
+                              f"same setting: give one of them (the other follows) or both equal")
+        for this, other in ((a, b), (b, a)):
+            if this in given and other not in given:
+                _set(config, other, given[this])
+                given[other] = given[this]
+    if sources is not None:
+        sources.update((k, source) for k in given)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: Dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice (first on line {seen[key].line + 1})",
+                    key_node.start_mark)
+            if isinstance(key, Hashable):
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(cfg_file: str) -> dict:
+    try:
+        with open(cfg_file, 'r', encoding='utf-8') as f:
+            data = yaml.load(f, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, 'problem_mark', None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ''
+        problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
+        raise ConfigError(f"{cfg_file}{where}: not valid YAML ({problem})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{cfg_file}: cannot be read ({type(e).__name__}: {e})") from None
+    if data is None or data == {}:
+        raise ConfigError(f"{cfg_file}: the file is empty (no config keys); give the YAML of a model, "
+                          f"e.g. configs/dat_tiny.yaml")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cfg_file}: the top level must be a mapping of config sections, "
+                          f"got a {type(data).__name__}")
+    return data
+
+
+def _base_files(data: dict, cfg_file: str) -> List[str]:
+    """The files ``BASE`` names (a list, or one string), relative to ``cfg_file``."""
+    bases = data.get('BASE', [''])
+    if bases is None:
+        bases = []
+    elif isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{cfg_file}: BASE must be a file name or a list of file names, got {bases!r}")
+    return [os.path.join(os.path.dirname(cfg_file), b) for b in bases if b]
+
+
+def merge_file(config: CN, cfg_file: str, sources: Optional[Sources] = None,
+               _chain: Tuple[str, ...] = ()) -> None:
     """Merge ``cfg_file`` (and, first, the files its ``BASE`` names, relative to it)."""
     if not os.path.isfile(cfg_file):
-        raise ConfigError(f"config file not found: '{cfg_file}' (pass an existing YAML with --cfg)")
-    with open(cfg_file, 'r') as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            first = str(e).splitlines()[0]
-            raise ConfigError(f"{cfg_file}: not valid YAML ({first})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{cfg_file}: the top level must be a mapping of config sections")
-    for base in data.get('BASE', ['']) or ['']:
-        if base:
-            merge_file(config, os.path.join(os.path.dirname(cfg_file), base))
-    _merge_dict(config, data, cfg_file)
+        included = f" (in BASE of '{_chain[-1]}')" if _chain else ' (pass an existing YAML with --cfg)'
+        raise ConfigError(f"config file not found: '{cfg_file}'{included}")
+    real = os.path.realpath(cfg_file)
+    if real in (os.path.realpath(c) for c in _chain):
+        cycle = ' -> '.join(list(_chain) + [cfg_file])
+        raise ConfigError(f"{_chain[-1]}: BASE files include each other ({cycle}); remove one of "
+                          f"these BASE entries")
+    data = _read_yaml(cfg_file)
+    for base in _base_files(data, cfg_file):
+        merge_file(config, base, sources, _chain + (cfg_file,))
+    _apply(config, _merge_dict(config, data, cfg_file), cfg_file, sources)
 
 
-def merge_opts(config: CN, opts: Sequence[str]) -> None:
+def merge_opts(config: CN, opts: Sequence[str], sources: Optional[Sources] = None,
+               source: str = '--opts') -> None:
     """Apply ``KEY VALUE`` pairs given on the command line (``--opts``)."""
     if len(opts) % 2:
         raise ConfigError(f"--opts needs KEY VALUE pairs, got an odd number of items: {list(opts)}")
+    given: Dict[str, Any] = {}
     for key, value in zip(opts[0::2], opts[1::2]):
         node = config
         parts = key.split('.')
         for i, part in enumerate(parts[:-1]):
             if part not in node or not isinstance(node[part], CN):
-                raise _unknown_key('.'.join(parts[:i + 1]), node, '--opts')
+                raise _unknown_key('.'.join(parts[:i + 1]), node, source)
             node = node[part]
-        nested: dict = {parts[-1]: value}
-        _merge_dict(node, nested, '--opts', '.'.join(parts[:-1]) + '.' if len(parts) > 1 else '')
+        if parts[-1] not in node and key in _MOVED:
+            raise _unknown_key(key, node, source)
+        _merge_dict(node, {parts[-1]: value}, source, '.'.join(parts[:-1]) + '.' if len(parts) > 1 else '',
+                    given)
+    _apply(config, given, source, sources)
 
 
 def default_config() -> CN:
@@ -263,73 +483,102 @@ def default_config() -> CN:
 def load_config(cfg_file: Optional[str] = None, opts: Iterable[str] = (), **overrides: Any) -> CN:
     """Defaults + ``cfg_file`` + ``opts``; returns a frozen config (no output-dir rewriting)."""
     config = default_config()
+    sources: Sources = {}
     if cfg_file:
-        merge_file(config, cfg_file)
-    merge_opts(config, list(opts))
+        merge_file(config, cfg_file, sources)
+    merge_opts(config, list(opts), sources)
     for key, value in overrides.items():
-        merge_opts(config, [key, value])
-    validate(config)
+        merge_opts(config, [key, value], sources)
+    validate(config, sources)
     config.freeze()
     return config
+
+
+# Command-line flags of main.py and the key each sets (flags left out, i.e. None, change nothing).
+_FLAGS = (('batch_size', 'DATA.BATCH_SIZE'), ('data_path', 'DATA.DATA_PATH'), ('resume', 'MODEL.RESUME'),
+          ('pretrained', 'MODEL.PRETRAINED'), ('amp_dtype', 'AMP_DTYPE'), ('print_freq', 'PRINT_FREQ'),
+          ('output', 'OUTPUT'), ('tag', 'TAG'), ('local_rank', 'LOCAL_RANK'))
+_SWITCHES = (('amp', 'AMP'), ('use_checkpoint', 'TRAIN.USE_CHECKPOINT'), ('eval', 'EVAL_MODE'),
+             ('throughput', 'THROUGHPUT_MODE'))
 
 
 def update_config(config: CN, args: argparse.Namespace) -> None:
     """Apply a command line (``main.py``'s arguments) to ``config`` like the official scripts."""
     config.defrost()
+    sources: Sources = {}
     if getattr(args, 'cfg', None):
-        merge_file(config, args.cfg)
-    merge_opts(config, list(getattr(args, 'opts', None) or []))
-
-    def given(name: str) -> Any:
-        return getattr(args, name, None)
-
-    if given('batch_size'):
-        config.DATA.BATCH_SIZE = args.batch_size
-    if given('data_path'):
-        config.DATA.DATA_PATH = args.data_path
-    if given('resume'):
-        config.MODEL.RESUME = args.resume
-    if given('pretrained'):
-        config.MODEL.PRETRAINED = args.pretrained
-    if given('amp'):
-        config.AMP = True
-    if given('amp_dtype'):
-        config.AMP_DTYPE = args.amp_dtype
-    if given('use_checkpoint'):
-        config.TRAIN.USE_CHECKPOINT = True
-    if given('print_freq'):
-        config.PRINT_FREQ = args.print_freq
-    if given('output'):
-        config.OUTPUT = args.output
-    if given('tag'):
-        config.TAG = args.tag
-    if given('eval'):
-        config.EVAL_MODE = True
-    if given('throughput'):
-        config.THROUGHPUT_MODE = True
-    if given('local_rank') is not None:
-        config.LOCAL_RANK = args.local_rank
-    validate(config)
+        merge_file(config, args.cfg, sources)
+    merge_opts(config, list(getattr(args, 'opts', None) or []), sources)
+    for name, key in _FLAGS:
+        value = getattr(args, name, None)
+        if value is None or value == '':       # not given (0 is given: the range check judges it)
+            continue
+        _set(config, key, value)
+        sources[key] = f"--{name.replace('_', '-')}"
+    for name, key in _SWITCHES:
+        if getattr(args, name, None):
+            _set(config, key, True)
+    validate(config, sources)
     config.OUTPUT = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
     config.freeze()
 
 
-def validate(config: CN) -> None:
-    """Value checks the type system cannot express; each failure is one line."""
-    choices = {
-        'MODEL.ATTN_IMPL': ('auto', 'reference', 'fused'),
-        'MODEL.DAT.deform_arith': ('pp', 'v1'),
-        'AMP_DTYPE': ('float16', 'bfloat16'),
-        'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd'),
-        'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step'),
-    }
-    for key, allowed in choices.items():
-        node: Any = config
-        for part in key.split('.'):
-            node = node[part]
-        value = node.lower() if key.startswith('TRAIN.') else node
-        if value not in allowed:
-            raise ConfigError(f"config key '{key}' is {node!r}; expected one of {list(allowed)}")
+# ----------------------------------------------------------------------------- validation
+def _leaves(node: CN, prefix: str = ''):
+    for key, value in node.items():
+        if isinstance(value, CN):
+            yield from _leaves(value, prefix + key + '.')
+        else:
+            yield prefix + key, value
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _fail(key: str, value: Any, expected: str, sources: Optional[Sources]) -> ConfigError:
+    where = (sources or {}).get(key, 'default value')
+    return ConfigError(f"{where}: config key '{key}' is {value!r}; it must be {expected}")
+
+
+def validate(config: CN, sources: Optional[Sources] = None) -> None:
+    """Value checks the type system cannot express; each failure is one line naming the key and
+    where its value came from (file, ``--opts`` or a flag)."""
+    for key, allowed in CHOICES.items():
+        value = _get(config, key)
+        if (value.lower() if key in _ANY_CASE and isinstance(value, str) else value) not in allowed:
+            raise _fail(key, value, f"one of {list(allowed)}", sources)
+    for key, rule in RANGES.items():
+        value = _get(config, key)
+        if value is None and _get(_C, key) is None or (key == 'TRAIN.CLIP_GRAD' and value is None):
+            continue
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if not all(_is_number(v) for v in values) or not all(rule.admits(v) for v in values):
+            expected = rule.describe() + (' for every element' if isinstance(value, (list, tuple)) else '')
+            raise _fail(key, value, expected, sources)
+    for key, n in (('AUG.CUTMIX_MINMAX', 2), ('TRAIN.OPTIMIZER.BETAS', 2)):
+        value = _get(config, key)
+        if value is not None and len(value) != n:
+            raise _fail(key, value, f"a list of {n} numbers", sources)
+    minmax = config.AUG.CUTMIX_MINMAX
+    if minmax is not None and not minmax[0] < minmax[1]:
+        raise _fail('AUG.CUTMIX_MINMAX', minmax, "[min, max] with min < max", sources)
+    for a, b in ALIASES:
+        if _get(config, a) != _get(config, b):
+            raise ConfigError(f"config keys '{a}' ({_get(config, a)!r}) and '{b}' ({_get(config, b)!r}) "
+                              f"disagree; they are the same setting: set one of them")
+    # The last stage needs a map of at least one pixel: patch_size * 2**(stages - 1) pixels.
+    dat = config.MODEL.DAT
+    smallest = dat.patch_size * 2 ** (len(dat.depths) - 1)
+    if config.MODEL.TYPE == 'dat' and config.DATA.IMG_SIZE < smallest:
+        raise _fail('DATA.IMG_SIZE', config.DATA.IMG_SIZE,
+                    f">= {smallest} for this model (patch_size {dat.patch_size}, {len(dat.depths)} stages "
+                    f"each halving the map)", sources)
+    train = config.TRAIN
+    if (not config.EVAL_MODE and not config.THROUGHPUT_MODE
+            and train.LR_SCHEDULER.NAME.lower() in ('cosine', 'linear') and train.EPOCHS <= train.WARMUP_EPOCHS):
+        raise _fail('TRAIN.WARMUP_EPOCHS', train.WARMUP_EPOCHS,
+                    f"< TRAIN.EPOCHS ({train.EPOCHS}) for the {train.LR_SCHEDULER.NAME} schedule", sources)
 
 
 def get_config(args: argparse.Namespace) -> CN:

@@ -17,6 +17,9 @@ _EXPORTS = {
     'ResumableDistributedSampler': 'samplers', 'DistributedEvalSampler': 'samplers',
     'eval_indices': 'samplers',
     'make_demo_dataset': 'demo',
+    'eval_resize': 'build', 'DeviceNormalizeLoader': 'device',
+    'class_folders': 'discovery', 'find_samples': 'discovery',
+    'loader_throughput': 'throughput',
 }
 
 __all__ = ['DataError'] + list(_EXPORTS)

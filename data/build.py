@@ -3,7 +3,8 @@
 Loader contract: every loader from :func:`build_loader` yields 3-tuples
 ``(images, targets, n_skipped)``:
 
-* ``images``: float ``Tensor[B, 3, S, S]`` (``S = DATA.IMG_SIZE``), ImageNet-normalised;
+* ``images``: float ``Tensor[B, 3, S, S]`` (``S = DATA.IMG_SIZE``), ImageNet-normalised (with
+  ``DATA.DEVICE_NORMALIZE`` already on the ``device`` given to :func:`build_loader`);
 * ``targets``: ``LongTensor[B]`` of class indices (mixup is *not* applied by the loader: call
   ``mixup_fn(images, targets)`` in the training loop, as in Swin);
 * ``n_skipped``: ``int``, the number of unreadable files dropped from this batch (each is
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 from PIL import Image, ImageOps
@@ -36,10 +37,11 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from .folder import DataError, SafeDataLoader, SafeImageFolder, SkipBadCollate, check_data_root
+from .device import DeviceNormalizeLoader
 from .samplers import DistributedEvalSampler, ResumableDistributedSampler, dist_info
 
 __all__ = ['build_transform', 'build_dataset', 'build_loader', 'build_mixup', 'OddSafeMixup',
-           'eval_resize_size']
+           'eval_resize_size', 'eval_resize']
 
 _logger = logging.getLogger('dat.data')
 
@@ -64,8 +66,27 @@ def _eval_interpolation(name: str) -> InterpolationMode:
 
 
 def eval_resize_size(img_size: int) -> int:
-    """Shorter-side resize before the centre crop: ``int(256 / 224 * img_size)`` (Swin / DAT)."""
+    """Resize before the centre crop (``TEST.CROP``): ``int(256 / 224 * img_size)`` (official)."""
     return int((256 / 224) * img_size)
+
+
+def eval_resize(config: Any) -> List[Any]:
+    """The evaluation resize (and crop), as the official pipeline does it.
+
+    ``TEST.RESIZE_MODE 'square'`` (default): resize to a square ``(s, s)`` (the image is stretched,
+    its aspect ratio is not kept), ``s = int(256/224 * size)`` with ``TEST.CROP`` then a centre
+    crop of ``size``, or ``s = size`` without. The released checkpoints were measured this way.
+    ``'shorter_side'`` (Swin's way): with ``TEST.CROP`` the shorter side goes to ``s`` (aspect
+    ratio kept) before the centre crop; without ``TEST.CROP`` it is the square resize too.
+    """
+    size = int(config.DATA.IMG_SIZE)
+    interpolation = _eval_interpolation(config.DATA.INTERPOLATION)
+    if not config.TEST.CROP:
+        return [transforms.Resize((size, size), interpolation=interpolation)]
+    s = eval_resize_size(size)
+    shorter_side = str(config.TEST.RESIZE_MODE) == 'shorter_side'
+    return [transforms.Resize(s if shorter_side else (s, s), interpolation=interpolation),
+            transforms.CenterCrop(size)]
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -91,11 +112,16 @@ def _augment_ops(transform: Any):
         yield from (op for op in ops if isinstance(op, AugmentOp))
 
 
-def build_transform(is_train: bool, config: Any) -> transforms.Compose:
+def build_transform(is_train: bool, config: Any, uint8: Optional[bool] = None) -> transforms.Compose:
     """Training: timm's RandAugment pipeline (RandomCrop with padding 4 for ``IMG_SIZE <= 32``;
     posterize patched by :func:`posterize_compat`).
-    Evaluation: resize (+ centre crop with ``TEST.CROP``), tensor, ImageNet normalisation."""
+    Evaluation: :func:`eval_resize`, tensor, ImageNet normalisation.
+
+    ``uint8`` (default: ``DATA.DEVICE_NORMALIZE``) ends both at a ``uint8`` tensor instead:
+    no normalisation and no random erasing, which :class:`DeviceNormalizeLoader` applies.
+    """
     size = int(config.DATA.IMG_SIZE)
+    uint8 = bool(config.DATA.DEVICE_NORMALIZE) if uint8 is None else uint8
     if is_train:
         aug = config.AUG
         transform = create_transform(
@@ -107,6 +133,7 @@ def build_transform(is_train: bool, config: Any) -> transforms.Compose:
             re_mode=aug.REMODE,
             re_count=aug.RECOUNT,
             interpolation=config.DATA.INTERPOLATION,
+            use_prefetcher=uint8,
         )
         for op in _augment_ops(transform):
             if op.name.startswith('Posterize'):
@@ -116,13 +143,9 @@ def build_transform(is_train: bool, config: Any) -> transforms.Compose:
             transform.transforms[0] = transforms.RandomCrop(size, padding=4)
         return transform
 
-    interpolation = _eval_interpolation(config.DATA.INTERPOLATION)
-    if config.TEST.CROP:
-        resize = [transforms.Resize(eval_resize_size(size), interpolation=interpolation),
-                  transforms.CenterCrop(size)]
-    else:
-        resize = [transforms.Resize((size, size), interpolation=interpolation)]
-    return transforms.Compose(resize + [
+    if uint8:
+        return transforms.Compose(eval_resize(config) + [transforms.PILToTensor()])
+    return transforms.Compose(eval_resize(config) + [
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
     ])
@@ -183,11 +206,13 @@ def _pin_memory(config: Any) -> bool:
     return bool(config.DATA.PIN_MEMORY) and torch.cuda.is_available()
 
 
-def build_loader(config: Any):
+def build_loader(config: Any, device: Union[str, torch.device, None] = None):
     """``(dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn)``.
 
     Works with and without an initialised process group. See the module docstring for what
-    the loaders yield and how to resume.
+    the loaders yield and how to resume. With ``DATA.DEVICE_NORMALIZE`` the workers ship uint8
+    images and both loaders are :class:`DeviceNormalizeLoader` wrappers that normalise (and, for
+    training, randomly erase) on ``device`` (default: the CPU).
     """
     num_replicas, rank = dist_info()
     root = _data_root(config)
@@ -224,4 +249,9 @@ def build_loader(config: Any):
         dataset_val, sampler=sampler_val, batch_size=batch_size, shuffle=False, drop_last=False,
         **common)
 
+    if config.DATA.DEVICE_NORMALIZE:
+        aug = config.AUG
+        data_loader_train = DeviceNormalizeLoader(
+            data_loader_train, device=device, re_prob=aug.REPROB, re_mode=aug.REMODE, re_count=aug.RECOUNT)
+        data_loader_val = DeviceNormalizeLoader(data_loader_val, device=device)
     return dataset_train, dataset_val, data_loader_train, data_loader_val, build_mixup(config)

@@ -33,6 +33,7 @@ from torch.utils.data._utils.collate import default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from .discovery import class_folders, find_samples
 from .errors import DataError
 
 __all__ = [
@@ -129,7 +130,7 @@ def _listed(names: Sequence[str]) -> str:
 
 
 def _class_dirs(split_dir: str) -> List[str]:
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith('.'))
+    return class_folders(split_dir)
 
 
 def check_data_root(root: str, splits: Sequence[str] = ('train', 'val')) -> None:
@@ -171,8 +172,10 @@ class SafeImageFolder(ImageFolder):
     """``ImageFolder`` that decodes to RGB and returns :class:`BadSample` for unreadable files.
 
     Only decoding is guarded: an exception raised by ``transform`` is a bug and propagates.
-    Class folders without images are accepted with a warning (they keep their class index);
-    a split without any image is a :class:`DataError`.
+    Class folders and images are found by :mod:`data.discovery` (hidden entries ignored, each
+    real folder entered once), the rule :func:`check_data_root` applies too. Class folders
+    without images are accepted with a warning (they keep their class index); a split without
+    any image is a :class:`DataError`.
     """
 
     def __init__(self, root: str, transform: Optional[Callable] = None,
@@ -191,6 +194,18 @@ class SafeImageFolder(ImageFolder):
         empty = [c for c, n in zip(self.classes, counts) if n == 0]
         if empty:
             _logger.warning("%s: %d class folder(s) hold no images: %s", root, len(empty), _listed(empty))
+
+    def find_classes(self, directory: str) -> Tuple[List[str], Dict[str, int]]:
+        classes = class_folders(directory)
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(directory: str, class_to_idx: Optional[Dict[str, int]] = None,
+                     extensions: Any = None, is_valid_file: Optional[Callable[[str], bool]] = None,
+                     allow_empty: bool = False) -> List[Tuple[str, int]]:
+        if class_to_idx is None:
+            class_to_idx = {name: i for i, name in enumerate(class_folders(directory))}
+        return find_samples(directory, class_to_idx, is_valid_file or is_image_file)
 
     def __getitem__(self, index: int) -> Any:
         path, target = self.samples[index]

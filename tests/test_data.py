@@ -194,23 +194,52 @@ def _banded_image():
     return Image.fromarray(arr)
 
 
-def test_eval_transform_crop_vs_plain_resize():
+def test_eval_transform_square_resize_vs_shorter_side_option():
     img = _banded_image()
     crop = build_transform(False, _cfg(DATA__IMG_SIZE=64, TEST__CROP=True))
     plain = build_transform(False, _cfg(DATA__IMG_SIZE=64, TEST__CROP=False))
-    assert crop.transforms[0].size == eval_resize_size(64) == 73
-    assert plain.transforms[0].size == (64, 64)
+    swin = build_transform(False, _cfg(DATA__IMG_SIZE=64, TEST__CROP=True, TEST__RESIZE_MODE='shorter_side'))
+    assert crop.transforms[0].size == (eval_resize_size(64),) * 2 == (73, 73)
+    assert plain.transforms[0].size == (64, 64) and swin.transforms[0].size == 73
 
-    c, p = _denorm(crop(img)), _denorm(plain(img))
-    assert c.shape == p.shape == (3, 64, 64)
-    # Plain resize squashes the whole width in: the green band survives on the left.
+    c, p, s = _denorm(crop(img)), _denorm(plain(img)), _denorm(swin(img))
+    assert c.shape == p.shape == s.shape == (3, 64, 64)
+    # The square resizes squash the whole width in: the green band (10% of the width) survives
+    # on the left, also after the centre crop (which cuts 4 of its 7 columns).
     assert p[1, :, 1].mean() > 0.9 and p[0, :, 1].mean() < 0.1
-    # Resize-then-centre-crop keeps the aspect ratio and cuts the band away.
-    assert c[1].max() < 0.1
-    assert c[0, :, 1].mean() > 0.9 and c[2, :, -2].mean() > 0.9
+    assert c[1, :, 0].mean() > 0.9 and c[0, :, 0].mean() < 0.1
+    # The shorter-side option keeps the aspect ratio: its crop cuts the band away.
+    assert s[1].max() < 0.1 and s[0, :, 1].mean() > 0.9 and s[2, :, -2].mean() > 0.9
     # Identical output for a square image that is already the target size, up to normalisation.
     sq = Image.fromarray(np.full((64, 64, 3), 128, np.uint8))
     assert torch.allclose(_denorm(plain(sq)), torch.full((3, 64, 64), 128 / 255), atol=1e-5)
+
+
+def _official_eval(img, size, crop):
+    """The official evaluation pixels, from their definition: PIL bicubic resize to a square
+    (``int(256/224*size)`` with the crop, else ``size``), then the centre ``size`` x ``size``."""
+    s = int((256 / 224) * size) if crop else size
+    arr = np.asarray(img.resize((s, s), Image.BICUBIC))
+    top = int(round((s - size) / 2.0))
+    return arr[top:top + size, top:top + size]
+
+
+@pytest.mark.parametrize('crop', [True, False])
+def test_eval_transform_equals_official_square_resize_on_jpegs(tmp_path, crop):
+    rng = np.random.default_rng(0)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+    for size in (32, 50, 64):      # 50: odd margin (57 - 50), rounded as torchvision does
+        cfg = _cfg(DATA__IMG_SIZE=size, TEST__CROP=crop)
+        as_float, as_uint8 = build_transform(False, cfg), build_transform(False, cfg, uint8=True)
+        for w, h in ((97, 61), (50, 133), (300, 200), (64, 64)):      # wider, taller, square
+            noise = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            path = _save(Image.fromarray(noise), tmp_path / f'{w}x{h}.jpg', quality=90)
+            img = load_rgb(path)
+            expected = torch.from_numpy(_official_eval(img, size, crop).copy()).permute(2, 0, 1)
+            assert torch.equal(as_uint8(img), expected), (size, w, h)
+            want = (expected.double() / 255 - mean.double()) / std.double()
+            assert torch.allclose(as_float(img).double(), want, atol=1e-6, rtol=0), (size, w, h)
 
 
 def test_eval_interpolation_follows_the_config():
@@ -218,8 +247,8 @@ def test_eval_interpolation_follows_the_config():
     assert bilinear.transforms[0].interpolation.value == 'bilinear'
     randomised = build_transform(False, _cfg(DATA__IMG_SIZE=64, DATA__INTERPOLATION='random'))
     assert randomised.transforms[0].interpolation.value == 'bicubic'   # 'random' is train-only
-    with pytest.raises(DataError, match='DATA.INTERPOLATION'):
-        build_transform(False, _cfg(DATA__IMG_SIZE=64, DATA__INTERPOLATION='cubic'))
+    with pytest.raises(config_module.ConfigError, match='DATA.INTERPOLATION'):
+        _cfg(DATA__IMG_SIZE=64, DATA__INTERPOLATION='cubic')
 
 
 # ----------------------------------------------------------------------------- samplers
