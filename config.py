@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import math
 import os
 from typing import Any, Dict, Hashable, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -179,7 +180,7 @@ class _Range(NamedTuple):
     def admits(self, v: float) -> bool:
         if v in self.extra:
             return True
-        if v != v:                      # NaN
+        if not math.isfinite(v):        # NaN, inf: no key means them
             return False
         if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
             return False
@@ -241,7 +242,7 @@ RANGES: Dict[str, _Range] = {
     'TRAIN.EPOCHS': _POSITIVE_INT,
     'TRAIN.WARMUP_EPOCHS': _NON_NEGATIVE,
     'TRAIN.WEIGHT_DECAY': _NON_NEGATIVE,
-    'TRAIN.BASE_LR': _POSITIVE,
+    'TRAIN.BASE_LR': _NON_NEGATIVE,
     'TRAIN.WARMUP_LR': _NON_NEGATIVE,
     'TRAIN.MIN_LR': _NON_NEGATIVE,
     'TRAIN.CLIP_GRAD': _NON_NEGATIVE,             # 0 or null: no clipping
@@ -577,8 +578,11 @@ def validate(config: CN, sources: Optional[Sources] = None) -> None:
     train = config.TRAIN
     if (not config.EVAL_MODE and not config.THROUGHPUT_MODE
             and train.LR_SCHEDULER.NAME.lower() in ('cosine', 'linear') and train.EPOCHS <= train.WARMUP_EPOCHS):
-        raise _fail('TRAIN.WARMUP_EPOCHS', train.WARMUP_EPOCHS,
-                    f"< TRAIN.EPOCHS ({train.EPOCHS}) for the {train.LR_SCHEDULER.NAME} schedule", sources)
+        if 'TRAIN.WARMUP_EPOCHS' in (sources or {}):
+            raise _fail('TRAIN.WARMUP_EPOCHS', train.WARMUP_EPOCHS,
+                        f"< TRAIN.EPOCHS ({train.EPOCHS}) for the {train.LR_SCHEDULER.NAME} schedule", sources)
+        raise _fail('TRAIN.EPOCHS', train.EPOCHS, f"> TRAIN.WARMUP_EPOCHS ({train.WARMUP_EPOCHS}) for the "
+                    f"{train.LR_SCHEDULER.NAME} schedule", sources)
 
 
 def get_config(args: argparse.Namespace) -> CN:
