@@ -469,8 +469,6 @@ def merge_opts(config: CN, opts: Sequence[str], sources: Optional[Sources] = Non
             if part not in node or not isinstance(node[part], CN):
                 raise _unknown_key('.'.join(parts[:i + 1]), node, source)
             node = node[part]
-        if parts[-1] not in node and key in _MOVED:
-            raise _unknown_key(key, node, source)
         _merge_dict(node, {parts[-1]: value}, source, '.'.join(parts[:-1]) + '.' if len(parts) > 1 else '',
                     given)
     _apply(config, given, source, sources)
@@ -578,7 +576,10 @@ def validate(config: CN, sources: Optional[Sources] = None) -> None:
     train = config.TRAIN
     if (not config.EVAL_MODE and not config.THROUGHPUT_MODE
             and train.LR_SCHEDULER.NAME.lower() in ('cosine', 'linear') and train.EPOCHS <= train.WARMUP_EPOCHS):
-        if 'TRAIN.WARMUP_EPOCHS' in (sources or {}):
+        def rank(key: str) -> int:          # blame the key given last: flags/--opts, a file, a default
+            where = (sources or {}).get(key)
+            return 0 if where is None else 2 if where.startswith('--') else 1
+        if rank('TRAIN.WARMUP_EPOCHS') >= rank('TRAIN.EPOCHS'):
             raise _fail('TRAIN.WARMUP_EPOCHS', train.WARMUP_EPOCHS,
                         f"< TRAIN.EPOCHS ({train.EPOCHS}) for the {train.LR_SCHEDULER.NAME} schedule", sources)
         raise _fail('TRAIN.EPOCHS', train.EPOCHS, f"> TRAIN.WARMUP_EPOCHS ({train.WARMUP_EPOCHS}) for the "
