@@ -45,9 +45,9 @@ def test_transforms_end_at_uint8_without_normalising_or_erasing(root):
     img = Image.new('RGB', (50, 40), (250, 3, 128))
     for train in (True, False):
         out = build_transform(train, _cfg(root, True, 'AUG.REPROB', '1.0', 'AUG.AUTO_AUGMENT', 'none',
-                                          'AUG.COLOR_JITTER', '0.0'))(img)
-        assert out.dtype == torch.uint8 and out.shape == (3, 32, 32)
-        assert out[:, 2:-2, 2:-2].flatten(1).unique(dim=1).tolist() == [[250], [3], [128]]
+                                          'AUG.COLOR_JITTER', '0.0', 'DATA.IMG_SIZE', '48'))(img)
+        assert out.dtype == torch.uint8 and out.shape == (3, 48, 48)
+        assert out.flatten(1).unique(dim=1).tolist() == [[250], [3], [128]]      # nothing erased
 
 
 def test_eval_batches_equal_the_float_pipeline(root):
