@@ -73,6 +73,8 @@ def _cases(t: Path, data: str):
          ["MODEL.NUM_CLASSES is 3 but MODEL.DAT.num_classes is 5", 'give one of them']),
         ('unused-drop-path-key', [*demo, '--opts', 'MODEL.DROP_PATH_RATE', '0.3'], ["set 'MODEL.DAT.drop_path_rate'"]),
         ('base-cycle', ['--cfg', str(t / 'a.yaml'), '--data-path', data], ['BASE files include each other', 'a.yaml -> ', 'b.yaml -> ']),
+        ('base-as-a-string', ['--cfg', _yaml(t, 'child.yaml', 'BASE: parent.yaml\nSEED: 1\n'), '--data-path', data],
+         [_yaml(t, 'parent.yaml', 'SAVE_FREQ: 0\n') + ": config key 'SAVE_FREQ' is 0"]),   # the base was read
         ('yaml-error', ['--cfg', _yaml(t, 'broken.yaml', 'TRAIN:\n  EPOCHS: [3\n'), '--data-path', data],
          ['broken.yaml, line 3, column 1: not valid YAML']),
         ('yaml-duplicate-key', ['--cfg', _yaml(t, 'twice.yaml', 'SEED: 1\nSEED: 2\n'), '--data-path', data],
