@@ -1,7 +1,9 @@
 """ImageNet-style folders that survive bad files, and the collate/loader pair that reports them.
 
-``SafeImageFolder`` is torchvision's ``ImageFolder`` with three changes:
+``SafeImageFolder`` is torchvision's ``ImageFolder`` with four changes:
 
+* classes and images are found by :mod:`data.discovery`, the rule :func:`check_data_root` uses
+  too: hidden entries are ignored, and each real folder is entered once (symlink loops refused);
 * every image is decoded to 8-bit RGB, whatever its mode: grayscale (``L``, ``1``), palette
   (``P``), ``CMYK``, 16/32-bit integer and float grayscale (rescaled, not clipped) and images
   with transparency (``RGBA``, ``LA``, ``PA``, palette or RGB with a transparent colour),
