@@ -135,6 +135,7 @@ def test_demo_refuses_foreign_folders_and_bad_arguments(tmp_path):
         make_demo_dataset(str(tmp_path / 'x'), classes=len(SHAPES) + 1)
 
 
+@pytest.mark.slow       # starts real processes
 def test_demo_cli(tmp_path):
     out = tmp_path / 'cli'
     cmd = [sys.executable, '-m', 'data.demo', '--out', str(out), '--classes', '2',
@@ -600,6 +601,7 @@ os._exit(0)
 '''
 
 
+@pytest.mark.slow       # starts real processes
 def test_build_loader_under_a_real_process_group(demo_root, tmp_path):
     script = tmp_path / 'worker.py'
     script.write_text(_DIST_SCRIPT)
