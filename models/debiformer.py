@@ -463,6 +463,8 @@ class DeBiFormer(nn.Module):
     ``qk_dims[i] // head_dim``. ``param_size`` selects the per-width agent constants
     (:data:`AGENT_CONSTANTS`); ``topks`` the two attentions of each stage's blocks
     (:data:`BLOCK_KINDS`). ``before_attn_dwconv`` must be 3 (the release pads it by 1).
+    ``img_size`` (optional) is only checked: the model takes any size its regions divide, see
+    :func:`valid_input_sides`.
     """
 
     def __init__(
@@ -484,6 +486,7 @@ class DeBiFormer(nn.Module):
             num_classes: int = 1000,
             in_chans: int = 3,
             global_pool: str = 'avg',
+            img_size: Optional[Union[int, Sequence[int]]] = None,
             attn_impl: str = 'reference',
     ) -> None:
         super().__init__()
@@ -536,6 +539,9 @@ class DeBiFormer(nn.Module):
                                  f'gives {heads} heads; the width must be a positive multiple of head_dim')
             agents.append(table[embed_dim[i]])
         self.agent_strides = [a[2] for a in agents]
+        if img_size is not None:
+            sides = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+            _check_input(torch.empty(0, 0, *sides, device='meta'), depth, n_win, self.agent_strides, auto_pad)
 
         stem = embed_dim[0] // 2
         self.downsample_layers = nn.ModuleList([nn.Sequential(
@@ -545,7 +551,7 @@ class DeBiFormer(nn.Module):
             self.downsample_layers.append(nn.Sequential(
                 nn.Conv2d(embed_dim[i - 1], embed_dim[i], 3, 2, 1), nn.BatchNorm2d(embed_dim[i])))
 
-        rates = [r.item() for r in torch.linspace(0, drop_path_rate, sum(depth))]
+        rates = [r.item() for r in torch.linspace(0, drop_path_rate, sum(depth), device='cpu')]
         self.stages = nn.ModuleList()
         self.feature_info: List[Dict[str, Any]] = []
         start = 0
@@ -569,7 +575,8 @@ class DeBiFormer(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> Set[str]:
-        return {'rpe_table'}
+        # The official recipe decays everything but 1-D parameters and biases, position tables included.
+        return set()
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -668,9 +675,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
             break
     out = {}
     for name, value in state_dict.items():
-        for prefix in ('module.', '_orig_mod.'):
-            while name.startswith(prefix):
-                name = name[len(prefix):]
+        while name.startswith(('module.', '_orig_mod.')):
+            name = name.split('.', 1)[1]
         out[name] = value
     return out
 
@@ -687,8 +693,8 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
 
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
-    # Valid sides are 224k-3 .. 224k only, so timm's tests must not shrink the input.
-    return dict(num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), fixed_input_size=True,
+    # Valid sides are 224k-3 .. 224k only (with n_win 7), so nothing may shrink the input below 224.
+    return dict(num_classes=1000, input_size=(3, 224, 224), min_input_size=(3, 224, 224), pool_size=(7, 7),
                 crop_pct=0.875, interpolation='bicubic', mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
                 first_conv='downsample_layers.0.0', classifier='head',
                 origin_url='https://github.com/maclong01/DeBiFormer', **kwargs)
