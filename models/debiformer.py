@@ -110,6 +110,13 @@ def _routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: 
     """
     b, r, pq, cq = q.shape
     cv = v.shape[-1]
+    if index.shape[-1] == r:
+        # Every region is routed to every region: one attention over all pixels, without
+        # materialising r copies of the keys (same keys, so the same result up to rounding).
+        qh = q.reshape(b, r * pq, num_heads, cq // num_heads).transpose(1, 2)
+        kh = k.reshape(b, -1, num_heads, cq // num_heads).transpose(1, 2)
+        vh = v.reshape(b, -1, num_heads, cv // num_heads).transpose(1, 2)
+        return _attend(qh, kh, vh, scale, fused).transpose(1, 2).reshape(b, r, pq, cv)
     ks = _gather_regions(k, index)
     vs = _gather_regions(v, index)
     pk = ks.shape[2]
