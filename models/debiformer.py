@@ -21,7 +21,7 @@ honour ``num_classes``, ``drop_path_rate`` and the other keywords instead of ign
 """
 from __future__ import annotations
 
-import math
+from contextlib import nullcontext
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
@@ -471,7 +471,7 @@ class DeBiFormer(nn.Module):
     (:data:`AGENT_CONSTANTS`); ``topks`` the two attentions of each stage's blocks
     (:data:`BLOCK_KINDS`). ``before_attn_dwconv`` must be 3 (the release pads it by 1).
     ``img_size`` (optional) is only checked: the model takes any size its regions divide, see
-    :func:`valid_input_sides`.
+    :func:`valid_input_sides`. ``device`` / ``dtype`` place the parameters (timm factory keywords).
     """
 
     def __init__(
@@ -495,8 +495,20 @@ class DeBiFormer(nn.Module):
             global_pool: str = 'avg',
             img_size: Optional[Union[int, Sequence[int]]] = None,
             attn_impl: str = 'reference',
+            device: Optional[Union[str, torch.device]] = None,
+            dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
+        with torch.device(device) if device is not None else nullcontext():
+            self._build(depth, embed_dim, qk_dims, mlp_ratios, param_size, drop_path_rate, drop_rate, n_win, topks,
+                        head_dim, side_dwconv, before_attn_dwconv, auto_pad, num_classes, in_chans, global_pool,
+                        img_size, attn_impl)
+        if dtype is not None:
+            self.to(dtype=dtype)
+
+    def _build(self, depth, embed_dim, qk_dims, mlp_ratios, param_size, drop_path_rate, drop_rate, n_win, topks,
+               head_dim, side_dwconv, before_attn_dwconv, auto_pad, num_classes, in_chans, global_pool, img_size,
+               attn_impl) -> None:
         depth, embed_dim = [int(d) for d in depth], [int(c) for c in embed_dim]
         qk_dims = list(embed_dim) if qk_dims is None else [int(c) for c in qk_dims]
         for name, value in (('depth', depth), ('embed_dim', embed_dim), ('qk_dims', qk_dims),
@@ -610,7 +622,7 @@ class DeBiFormer(nn.Module):
             self.global_pool = global_pool
         ref = self.norm.weight if isinstance(self.norm, nn.BatchNorm2d) else next(self.parameters())
         self.head = (nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
-                     if num_classes > 0 else nn.Identity())
+                     if num_classes > 0 else nn.Identity()).train(self.training)
 
     # -- forward -----------------------------------------------------------------
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
