@@ -19,8 +19,6 @@ a routing ``top-k`` above the number of regions routes to all regions; unsupport
 and widths raise a one-line ``ValueError`` that says what to change; the registered constructors
 honour ``num_classes``, ``drop_path_rate`` and the other keywords instead of ignoring them.
 """
-from __future__ import annotations
-
 from contextlib import nullcontext
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
@@ -133,7 +131,9 @@ def _pad_to_multiple(x: torch.Tensor, n: int, channels_last: bool) -> torch.Tens
     pad_h, pad_w = (n - h % n) % n, (n - w % n) % n
     if pad_h == 0 and pad_w == 0:
         return x
-    return F.pad(x, (0, 0, 0, pad_w, 0, pad_h) if channels_last else (0, pad_w, 0, pad_h))
+    if channels_last:
+        return F.pad(x, [0, 0, 0, pad_w, 0, pad_h])
+    return F.pad(x, [0, pad_w, 0, pad_h])
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -382,19 +382,16 @@ class DeBiFormerBlock(nn.Module):
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def _mlp(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return mlp(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.pos_embed1(x)
         x = x.permute(0, 2, 3, 1)
         x = x + self.drop_path1(self.attn1(self.norm1(x)))
-        x = x + self.drop_path1(self._mlp(self.mlp1, self.norm2(x)))
+        x = x + self.drop_path1(self.mlp1(self.norm2(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
         x = x.permute(0, 3, 1, 2)
         x = x + self.pos_embed2(x)
         x = x.permute(0, 2, 3, 1)
         x = x + self.drop_path2(self.attn2(self.norm3(x)))
-        x = x + self.drop_path2(self._mlp(self.mlp2, self.norm4(x)))
+        x = x + self.drop_path2(self.mlp2(self.norm4(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
         return x.permute(0, 3, 1, 2)
 
 
