@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention_impl import check_attn_impl, use_fused
 
 __all__ = ['DeBiFormer', 'BiLevelRoutingAttention', 'DeBiLevelRoutingAttention', 'AGENT_CONSTANTS',
-           'checkpoint_filter_fn', 'valid_input_sides']
+           'checkpoint_filter_fn', 'check_input_size', 'valid_input_sides']
 
 # Per-width constants of the deformable agent attention, keyed by (param_size, stage width):
 # (offset groups, offset kernel, agent stride, inner MLP ratio, position-table half size Q).
@@ -445,8 +445,9 @@ def valid_input_sides(model: 'DeBiFormer', limit: int = 1024) -> List[int]:
 
 @register_notrace_function
 @torch.jit.ignore
-def _check_input(x: torch.Tensor, depth: List[int], n_win: int, strides: List[int], auto_pad: bool) -> None:
-    """One-line ValueError for an input size the model cannot take, naming sizes that work."""
+def check_input_size(x: torch.Tensor, depth: List[int], n_win: int, strides: List[int], auto_pad: bool) -> None:
+    """One-line ValueError for an input size the model cannot take, naming sizes that work.
+    (A public name: torch.fx keeps it as one opaque call, which it does not do for ``_names``.)"""
     for axis, side in (('height', x.shape[-2]), ('width', x.shape[-1])):
         problem = _size_problem(side, depth, n_win, strides, auto_pad)
         if problem is None:
@@ -557,7 +558,7 @@ class DeBiFormer(nn.Module):
         self.agent_strides = [a[2] for a in agents]
         if img_size is not None:
             sides = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-            _check_input(torch.empty(0, 0, *sides, device='meta'), depth, n_win, self.agent_strides, auto_pad)
+            check_input_size(torch.empty(0, 0, *sides, device='meta'), depth, n_win, self.agent_strides, auto_pad)
 
         stem = embed_dim[0] // 2
         self.downsample_layers = nn.ModuleList([nn.Sequential(
@@ -632,7 +633,7 @@ class DeBiFormer(nn.Module):
         """
         if output_fmt != 'NCHW':
             raise ValueError(f"DeBiFormer returns NCHW stage maps; got output_fmt={output_fmt!r}")
-        _check_input(x, self.depth, self.n_win, self.agent_strides, self.auto_pad)
+        check_input_size(x, self.depth, self.n_win, self.agent_strides, self.auto_pad)
         take, max_index = feature_take_indices(len(self.stages), indices)
         last = len(self.stages) - 1
         intermediates: List[torch.Tensor] = []
@@ -661,7 +662,7 @@ class DeBiFormer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised last-stage map (N, C3, H/32, W/32)."""
-        _check_input(x, self.depth, self.n_win, self.agent_strides, self.auto_pad)
+        check_input_size(x, self.depth, self.n_win, self.agent_strides, self.auto_pad)
         for down, stage in zip(self.downsample_layers, self.stages):
             x = stage(down(x))
         return self.norm(x)
