@@ -92,7 +92,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, fus
             bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """softmax(scale * q k^T + bias) v over the last two axes, (B, m, L, c) layout."""
     if fused:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        # SDPA wants the additive mask in the query's dtype (they differ under autocast).
+        mask = None if bias is None else bias.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     logits = (q * scale) @ k.transpose(-2, -1)
     if bias is not None:
         logits = logits + bias

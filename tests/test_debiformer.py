@@ -106,6 +106,22 @@ def test_fused_attention_equals_reference_on_fixture() -> None:
         assert rel_err(model.eval()(data['inputs'][1]), data['logits'][1]) <= RTOL
 
 
+def test_fused_equals_reference_when_every_region_is_routed() -> None:
+    """n_win=2: most attentions route to all 4 regions (one attention over all pixels), the first
+    BRA to one region (gathered); fused and reference agree, on a padded input too."""
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    for auto_pad, inputs in ((False, x), (True, x[:1, :, :50, :61])):
+        torch.manual_seed(0)
+        with float64():
+            model = DeBiFormer(depth=(1, 1, 0, 0), embed_dim=(64, 128, 16, 16), n_win=2, auto_pad=auto_pad).eval()
+        with torch.no_grad():
+            expected = model(inputs)
+            for module in model.modules():
+                if hasattr(module, 'attn_impl'):
+                    module.attn_impl = 'fused'
+            assert rel_err(model(inputs), expected) <= RTOL
+
+
 # ----------------------------------------------------------------------------- sizes and names
 @pytest.mark.parametrize('name', sorted(OFFICIAL_PARAMS))
 def test_param_counts_of_configs(name: str) -> None:
