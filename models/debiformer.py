@@ -454,7 +454,7 @@ def check_input_size(x: torch.Tensor, depth: List[int], n_win: int, strides: Lis
         problem = _size_problem(side, depth, n_win, strides, auto_pad)
         if problem is None:
             continue
-        near = [s for s in range(max(1, side - 64), side + 4096) if _size_problem(s, depth, n_win, strides, auto_pad) is None]
+        near = [s for s in range(1, side + 4096) if _size_problem(s, depth, n_win, strides, auto_pad) is None]
         below = [s for s in near if s < side][-1:]
         above = [s for s in near if s > side][:1]
         hint = ' or '.join(str(s) for s in below + above) or 'none nearby'
