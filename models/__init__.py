@@ -2,5 +2,6 @@
 from . import registry  # noqa: F401  (registers dat_pp_*, dat_plus_tiny, dat_v1_*, dat_custom with timm)
 from .build import build_model
 from .dat import DAT
+from .debiformer import DeBiFormer  # noqa: F401  (registers debiformer_tiny / _small / _base with timm)
 
-__all__ = ['build_model', 'DAT']
+__all__ = ['build_model', 'DAT', 'DeBiFormer']

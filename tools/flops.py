@@ -16,6 +16,9 @@ of it this tool counts what that counter cannot see:
 * bilinear sampling (``grid_sample``: deformable keys and the interpolated position table):
   4 MACs per sampled value (4 taps; 1 for nearest, 16 for bicubic).
 
+DeBiFormer's routed and agent attentions are plain matmuls (counted as such); its agent sampling
+and sampled position bias are ``grid_sample`` calls (counted as above).
+
 Softmax, norms and activations are not counted (the papers do not count them either).
 The forward pass runs on the ``meta`` device: no memory for activations and no arithmetic,
 so counting a model takes about a second on a CPU.
@@ -47,6 +50,9 @@ PAPER_GMACS: Dict[Tuple[str, int], float] = {
     ('dat_v1_small', 224): 9.0,
     ('dat_v1_base', 224): 15.8,
     ('dat_v1_base_384', 384): 49.8,
+    ('debiformer_tiny', 224): 2.6,   # DeBiFormer release README (maclong01/DeBiFormer)
+    ('debiformer_small', 224): 5.4,
+    ('debiformer_base', 224): 11.8,
 }
 
 _SAMPLING_TAPS = {0: 4, 1: 1, 2: 16}   # grid_sample interpolation_mode: bilinear, nearest, bicubic
