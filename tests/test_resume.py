@@ -7,8 +7,12 @@ import re
 import shutil
 import signal
 
+import pytest
+
 from conftest import (MODEL_NAME, TINY_EPOCHS, assert_same_training_state, final_checkpoint,
                       load_ckpt, run_main, start_main, tiny_args, wait_for)
+
+pytestmark = pytest.mark.slow       # starts real main.py processes
 
 
 def _resumed_from(log: str):

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from conftest import ACC_DETAIL, ACC_LINE, Run, load_ckpt, run_main
 
+pytestmark = pytest.mark.slow       # starts real main.py processes
+
 CHANCE = 25.0           # 4 balanced classes
 N_VAL = 128
 
