@@ -198,7 +198,7 @@ def main(config, show_config: bool = False) -> int:
         if config.THROUGHPUT_MODE:
             trainer.build(with_data=False)
             throughput(trainer.model_without_ddp, config.DATA.BATCH_SIZE, config.DATA.IMG_SIZE, device,
-                       trainer._autocast, logger)
+                       trainer.autocast, logger)
             return 0
         trainer.build()
         if config.EVAL_MODE:

@@ -270,7 +270,7 @@ class Trainer:
 
 
     # ------------------------------------------------------------------ training
-    def _autocast(self):
+    def autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp)
 
     def _placeholder(self, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -317,7 +317,7 @@ class Trainer:
             window_dropped = window_dropped | (all_reduce(yes if empty else no, op='max') > 0)
             sync = boundary or not isinstance(model, DistributedDataParallel)
             with (nullcontext() if sync else model.no_sync()):
-                with self._autocast():
+                with self.autocast():
                     outputs = model(images)
                 loss = self.criterion(outputs.float(), targets)
                 # NaN makes every gradient non-finite on every rank (DDP averages them), so the
@@ -425,7 +425,7 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def validate(self, model: Optional[nn.Module] = None) -> dict:
         return validate(model if model is not None else self.model_without_ddp, self.loader_val, self.device,
-                        self._autocast, self.logger, self.config.PRINT_FREQ)
+                        self.autocast, self.logger, self.config.PRINT_FREQ)
 
     def record(self, epoch: int, result: dict, ema_result: Optional[dict] = None) -> None:
         """Append the epoch's numbers to <OUTPUT>/metrics.jsonl (rank 0), for plots and tests."""
