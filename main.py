@@ -190,8 +190,8 @@ def main(config, show_config: bool = False) -> int:
         # skipped unreadable images, land in the same console and log files.
         logger = create_logger(output_dir=config.OUTPUT, dist_rank=rank, name='dat', capture_warnings=True)
         mode = 'evaluating' if config.EVAL_MODE else 'timing' if config.THROUGHPUT_MODE else 'training'
-        logger.info("%s %s (%s) on %d process(es), %s; rank %d pid %d; output %s", mode, config.MODEL.NAME,
-                    config.MODEL.TYPE, world_size, device, rank, os.getpid(), config.OUTPUT)
+        logger.info("%s %s: rank %d of %d on %s (pid %d), output %s", mode, config.MODEL.NAME, rank, world_size,
+                    device, os.getpid(), config.OUTPUT)
         logger.info("full config:\n%s", config.dump(), extra={'console': show_config})
 
         trainer = Trainer(config, rank, world_size, device, logger)

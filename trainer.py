@@ -273,13 +273,13 @@ class Trainer:
     def autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp)
 
-    def _placeholder(self, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _placeholder(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """One blank image for a rank without images: its forward and backward keep DDP's collectives
         paired with the other ranks, and the window is dropped everywhere."""
         size = self.config.DATA.IMG_SIZE
         images = torch.zeros(1, 3, size, size, device=self.device)
-        if targets.ndim == 2:       # mixup's soft targets
-            return images, torch.zeros(1, targets.shape[1], device=self.device)
+        if self.mixup_fn is not None:       # the criterion takes soft targets
+            return images, torch.zeros(1, self.config.MODEL.NUM_CLASSES, device=self.device)
         return images, torch.zeros(1, dtype=torch.long, device=self.device)
 
     def train_one_epoch(self, epoch: int, start_batch: int) -> bool:
@@ -312,7 +312,7 @@ class Trainer:
                 images, targets = self.mixup_fn(images, targets)   # may drop one sample of an odd batch
             empty = images.shape[0] == 0
             if empty:
-                images, targets = self._placeholder(targets)
+                images, targets = self._placeholder()
             # Some rank without images drops the window on every rank (a device flag, no host sync).
             window_dropped = window_dropped | (all_reduce(yes if empty else no, op='max') > 0)
             sync = boundary or not isinstance(model, DistributedDataParallel)

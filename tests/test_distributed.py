@@ -72,8 +72,10 @@ def test_ranks_hold_identical_parameters(ddp_run, tmp_path):
         assert f'rank {rank} of 2 on cpu (pid ' in log
         # Both ranks took the optimizer steps of both epochs (24 images / 2 ranks / batch 2).
         assert 'Train: [1/2][5/6]' in log
-    # train.sh asks for fp16 AMP, which the CPU cannot do: main.py says so and trains in fp32.
-    assert 'AMP float16 needs CUDA' in logs[0]
+    # train.sh asks for AMP only where it applies: not on the CPU.
+    assert 'AMP float16 needs CUDA' not in logs[0] and 'AMP: false' in logs[0]
+    # The full config goes to the log file; the screen gets one summary line.
+    assert 'full config:' in logs[0] and 'full config:' not in ddp_run.stdout
     digests = [_digest(log) for log in logs]
     assert digests[0] == digests[1]
     # The truncated training image left a batch of one, which mixup cannot pair: that rank had no

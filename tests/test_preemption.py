@@ -89,12 +89,12 @@ def test_ctrl_c_to_main_py_with_workers_saves_and_exits_130(tmp_path, tiny_data)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('script, args, words', [
-    ('train.sh', ['1', DEMO_CFG, 'bad', '--opts', 'TRAIN.EPOCHZ', '3'], "unknown config key 'TRAIN.EPOCHZ'"),
-    ('evaluate.sh', ['2', DEMO_CFG, 'missing.pth'], 'checkpoint not found'),
+@pytest.mark.parametrize('script, args, opts, words', [
+    ('train.sh', ['1', DEMO_CFG, 'bad'], ['TRAIN.EPOCHZ', '3'], "unknown config key 'TRAIN.EPOCHZ'"),
+    ('evaluate.sh', ['2', DEMO_CFG, 'missing.pth'], [], 'checkpoint not found'),
 ])
-def test_failing_script_ends_with_the_one_line_error(tmp_path, tiny_data, script, args, words):
-    args = [*args, '--output', str(tmp_path), '--data-path', tiny_data]
+def test_failing_script_ends_with_the_one_line_error(tmp_path, tiny_data, script, args, opts, words):
+    args = [*args, '--output', str(tmp_path), *tiny_args(tiny_data, *opts)]
     proc = run_process(['bash', str(REPO / script), *args], tmp_path, _script_env(), timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]

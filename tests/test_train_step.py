@@ -29,11 +29,12 @@ def test_an_epoch_reads_the_device_only_when_logging(tmp_path, tiny_data, monkey
     def fused_adamw(config, model):
         plain = build_optimizer(config, model)
         groups = [{k: v for k, v in g.items() if k != 'fused'} for g in plain.param_groups]
-        return torch.optim.AdamW(groups, fused=True)     # the CUDA default, here on the CPU
+        return torch.optim.AdamW(groups, fused=True)     # the default on CUDA, here on the CPU
 
     build_optimizer = trainer_module.build_optimizer
     monkeypatch.setattr(trainer_module, 'build_optimizer', fused_adamw)
-    trainer = _trainer(tmp_path, tiny_data, 'PRINT_FREQ', '1000', 'AUG.MIXUP', '0.0', 'AUG.CUTMIX', '0.0')
+    trainer = _trainer(tmp_path, tiny_data, 'PRINT_FREQ', '1000', 'AUG.MIXUP', '0.0', 'AUG.CUTMIX', '0.0',
+                       'DATA.BATCH_SIZE', '4')
     assert trainer.optimizer.param_groups[0]['fused']
     reads = []
     for name in HOST_READS:
@@ -51,7 +52,7 @@ def test_an_epoch_reads_the_device_only_when_logging(tmp_path, tiny_data, monkey
     assert trainer.train_one_epoch(0, 0) is False
     monkeypatch.undo()
     steps = trainer.n_iter
-    assert steps >= 10
+    assert steps >= 5
     # Reads when the first and last steps log and for the epoch summary, however many steps ran.
     assert len(reads) <= 3, reads
     assert trainer.epoch_summary['skipped_steps'] == 0 and trainer.epoch_summary['train_loss'] > 0

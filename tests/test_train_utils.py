@@ -115,8 +115,10 @@ def test_two_gloo_processes_reduce_across_ranks(tmp_path):
 def _model_and_opt(seed=0, opt='sgd'):
     torch.manual_seed(seed)
     model = nn.Linear(4, 3)
-    if opt == 'fused':
+    if opt == 'fused_adamw':
         return model, torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    if opt == 'fused_sgd':
+        return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, fused=True)
     return model, torch.optim.SGD(model.parameters(), lr=0.1)
 
 
@@ -153,10 +155,10 @@ def test_step_without_clipping_reports_the_total_norm():
     assert norm.item() == pytest.approx(expected)
 
 
-@pytest.mark.parametrize('opt', ['sgd', 'fused'])
+@pytest.mark.parametrize('opt', ['sgd', 'fused_adamw', 'fused_sgd'])
 def test_non_finite_step_is_skipped(opt):
-    """Plain optimizers skip on a host check, fused AdamW on the device flag: weights and
-    optimizer state (AdamW's step count) stay as they were."""
+    """Plain optimizers skip on a host check, fused ones on the device flag: weights and
+    optimizer state (AdamW's step count, SGD's momentum) stay as they were."""
     model, optimizer = _model_and_opt(opt=opt)
     step = OptimizerStep(optimizer, fp16_scaler=False, device=torch.device('cpu'), clip_grad=5.0)
     step.backward(_loss(model))
