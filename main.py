@@ -244,7 +244,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         code, message = EXIT_USER_ERROR, f"error: {one_line(e)}"
     except KeyboardInterrupt:
-        code, message = EXIT_INTERRUPTED, "error: interrupted before training started (nothing to save)"
+        code, message = EXIT_INTERRUPTED, "error: interrupted (nothing saved; checkpoints on disk are intact)"
     print(message, file=sys.stderr)
     return _report(code, message)
 

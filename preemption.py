@@ -30,7 +30,8 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
 
 
 class StopRequest:
-    """Remembers the first stop signal; the training loop acts on it between steps.
+    """Remembers the first stop signal; the training loop acts on it between steps. A second
+    Ctrl-C does not wait.
 
     The handler only sets a flag: logging or saving inside a signal handler can deadlock.
     """
@@ -51,6 +52,8 @@ class StopRequest:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is None:
             self.signum = signum
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt    # a second Ctrl-C: stop now (checkpoint files are written atomically)
 
     @property
     def requested(self) -> bool:

@@ -287,6 +287,7 @@ class Trainer:
         config, model, stats = self.config, self.model, self.stats
         accum = config.TRAIN.ACCUMULATION_STEPS
         num_steps = self.n_iter
+        print_freq = max(config.PRINT_FREQ, 1)
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
         stats.new_epoch()
@@ -341,7 +342,7 @@ class Trainer:
             done = idx + 1
             freq = config.TRAIN.SAVE_ITER_FREQ
             save_now = freq > 0 and done % freq == 0 and done < num_steps
-            if not (idx % config.PRINT_FREQ == 0 or done == num_steps or save_now
+            if not (idx % print_freq == 0 or done == num_steps or save_now
                     or (self.world_size == 1 and self.stop.requested)):
                 continue
             values = stats.read()
@@ -349,7 +350,7 @@ class Trainer:
             # when fp16 overflow hides another rank's non-finite loss.
             stop_signum, streak = agree([self.stop.signum or 0, values['max_streak']], self.device)
             self._report_skipped(epoch, values)
-            if streak >= config.TRAIN.MAX_NONFINITE_STEPS:
+            if streak >= max(config.TRAIN.MAX_NONFINITE_STEPS, 1):
                 self._diverged(epoch, idx, int(streak))
             self._log_step(epoch, idx, values, batch_time, targets.size(0))
             if stop_signum:
@@ -425,7 +426,7 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def validate(self, model: Optional[nn.Module] = None) -> dict:
         return validate(model if model is not None else self.model_without_ddp, self.loader_val, self.device,
-                        self.autocast, self.logger, self.config.PRINT_FREQ)
+                        self.autocast, self.logger, max(self.config.PRINT_FREQ, 1))
 
     def record(self, epoch: int, result: dict, ema_result: Optional[dict] = None) -> None:
         """Append the epoch's numbers to <OUTPUT>/metrics.jsonl (rank 0), for plots and tests."""
