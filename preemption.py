@@ -10,6 +10,7 @@ harmlessly instead of killing them under the main process.
 from __future__ import annotations
 
 import signal
+import time
 from typing import Any, Dict, Optional
 
 __all__ = ['STOP_SIGNALS', 'StopRequest', 'ignore_stop_signals', 'exit_code']
@@ -36,8 +37,12 @@ class StopRequest:
     The handler only sets a flag: logging or saving inside a signal handler can deadlock.
     """
 
+    # Ctrl-C under a bare torchrun reaches a rank twice at once: from the terminal and from torchrun.
+    REPEAT_S = 1.0
+
     def __init__(self) -> None:
         self.signum: Optional[int] = None
+        self._since = 0.0
         self._previous: Dict[int, Any] = {}
 
     def install(self) -> None:
@@ -52,7 +57,8 @@ class StopRequest:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is None:
             self.signum = signum
-        elif signum == signal.SIGINT:
+            self._since = time.monotonic()
+        elif signum == signal.SIGINT and time.monotonic() - self._since > self.REPEAT_S:
             raise KeyboardInterrupt    # a second Ctrl-C: stop now (checkpoint files are written atomically)
 
     @property

@@ -63,15 +63,20 @@ def test_sigterm_to_the_process_group_of_train_sh_saves_and_exits_zero(tmp_path,
 
 
 @pytest.mark.slow
-def test_sigterm_to_torchrun_saves(tmp_path, tiny_data):
-    """``kill <torchrun>``: torchrun passes SIGTERM on to its ranks, which save before it gives up
-    on them (torchrun itself then exits non-zero: that is what train.sh hides)."""
+@pytest.mark.parametrize('signame, to_group', [('SIGTERM', False), ('SIGINT', True)])
+def test_signal_to_a_bare_torchrun_saves(tmp_path, tiny_data, signame, to_group):
+    """``kill <torchrun>``: torchrun passes SIGTERM on to its ranks, which save before it gives up on
+    them. Ctrl-C in its terminal reaches the ranks twice (from the terminal and from torchrun) and
+    the DataLoader workers too: still one save. torchrun itself then exits non-zero, which train.sh
+    hides."""
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '1', '--master_port',
            str(free_port()), *main_cmd(tiny_args(tiny_data, *WORKERS), tmp_path, 'torchrun')]
     proc = _start(cmd, REPO, subprocess_env(), str(tmp_path / 'torchrun'))
     out_dir = tmp_path / MODEL_NAME / 'torchrun'
-    _stop_during_epoch_1(proc, out_dir / 'log_rank0.txt', lambda: os.kill(proc.pid, signal.SIGTERM))
-    _saved_step(out_dir, 'SIGTERM')
+    sig = getattr(signal, signame)
+    send = (lambda: os.killpg(proc.pid, sig)) if to_group else (lambda: os.kill(proc.pid, sig))
+    _stop_during_epoch_1(proc, out_dir / 'log_rank0.txt', send)
+    _saved_step(out_dir, signame)
     assert 'DataLoader worker' not in (tmp_path / 'torchrun.err').read_text()
 
 
@@ -144,7 +149,9 @@ def test_stop_request_records_the_first_signal_and_a_second_ctrl_c_does_not_wait
         assert stop.requested and stop.name == 'SIGTERM' and exit_code(stop.signum) == 0
         os.kill(os.getpid(), signal.SIGUSR1)          # a later signal changes nothing
         assert stop.signum == signal.SIGTERM
-        with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)           # at once: torchrun passing on the same Ctrl-C
+        stop._since -= StopRequest.REPEAT_S + 0.1
+        with pytest.raises(KeyboardInterrupt):        # later: a second Ctrl-C does not wait
             os.kill(os.getpid(), signal.SIGINT)
     finally:
         stop.uninstall()
