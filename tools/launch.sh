@@ -15,7 +15,10 @@ set -uo pipefail
 NPROC=$1
 shift
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-RESULTS=$(mktemp -d "${TMPDIR:-/tmp}/dat-launch.XXXXXX")
+RESULTS=$(mktemp -d "${TMPDIR:-/tmp}/dat-launch.XXXXXX") || {
+    echo "error: cannot create a temporary folder in ${TMPDIR:-/tmp} (set TMPDIR to a writable folder)" >&2
+    exit 2
+}
 trap 'rm -rf "$RESULTS"' EXIT
 export DAT_RESULT_DIR=$RESULTS TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-120}
 
