@@ -145,7 +145,10 @@ def train(trainer) -> int:
             saved = epoch % config.SAVE_FREQ == 0 or last or is_best
             if saved:
                 trainer.save(epoch, is_best=is_best)
-            trainer.record(epoch, result, ema_result)
+            trainer.progress.epoch(epoch, {
+                'epoch': epoch, 'lr': trainer.optimizer.param_groups[0]['lr'], **trainer.epoch_summary,
+                'val_acc1': result['acc1'], 'val_acc5': result['acc5'], 'val_loss': result['loss'],
+                'val_images': result['count'], 'max_accuracy': trainer.max_accuracy}, ema_result)
 
             (signum,) = agree([trainer.stop.signum or 0], trainer.device)   # every rank takes part
             if signum:
@@ -158,8 +161,7 @@ def train(trainer) -> int:
         return 0
     finally:
         trainer.stop.uninstall()
-        if trainer.tb_writer is not None:
-            trainer.tb_writer.close()
+        trainer.progress.close()
 
 
 def _duration(seconds: float) -> str:

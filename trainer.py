@@ -9,7 +9,6 @@ single process), at the end of the epoch and before a mid-epoch checkpoint.
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 import time
@@ -26,11 +25,12 @@ from torch.nn.parallel import DistributedDataParallel
 from config import ConfigError
 from data import build_loader
 from distributed import agree, all_reduce
-from evaluation import memory_mb, validate
+from evaluation import validate
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
 from preemption import StopRequest, ignore_stop_signals
+from progress import Progress
 from train_step import OptimizerStep, StepStats, autocast_settings, ema_update
 from utils import (CheckpointError, CheckpointManager, get_rng_state, load_checkpoint_file, load_model_state,
                    set_rng_state, unwrap_state_dict)
@@ -101,7 +101,7 @@ class Trainer:
         self.ema = None
         self.ema_restored = False
         self.stop_signum = 0            # the stop signal agreed by all ranks
-        self.tb_writer = None
+        self.progress: Optional[Progress] = None
         self.epoch_summary: dict = {}
 
     # ------------------------------------------------------------------ building
@@ -148,12 +148,7 @@ class Trainer:
             self.ema = ModelEmaV2(self.model_without_ddp, decay=config.TRAIN.EMA.DECAY)
         self.manager = CheckpointManager(config.OUTPUT, keep_last=config.TRAIN.KEEP_CHECKPOINTS,
                                          logger=logger)
-        if self.rank == 0 and config.TENSORBOARD:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb_writer = SummaryWriter(os.path.join(config.OUTPUT, 'tensorboard'))
-            except ImportError:
-                logger.warning("TENSORBOARD is on but tensorboard is not installed; not logging to it")
+        self.progress = Progress(config, self.rank, self.world_size, self.device, logger)
 
     def start_ema(self) -> None:
         """Start the EMA from the weights in use (pretrained or resumed), unless it was resumed too."""
@@ -291,7 +286,7 @@ class Trainer:
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
         stats.new_epoch()
-        self._reported = (0.0, 0.0)
+        self.progress.new_epoch()
         batch_time = AverageMeter()
         n_skipped_images = 0
         no, yes = torch.zeros((), device=self.device), torch.ones((), device=self.device)
@@ -349,10 +344,11 @@ class Trainer:
             # Ranks decide alike: a rank's signal stops all; the streak can differ by rank only
             # when fp16 overflow hides another rank's non-finite loss.
             stop_signum, streak = agree([self.stop.signum or 0, values['max_streak']], self.device)
-            self._report_skipped(epoch, values)
+            self.progress.skipped(epoch, values)
             if streak >= max(config.TRAIN.MAX_NONFINITE_STEPS, 1):
                 self._diverged(epoch, idx, int(streak))
-            self._log_step(epoch, idx, values, batch_time, targets.size(0))
+            self.progress.step(epoch, idx, num_steps, values, batch_time, targets.size(0), self.optimizer,
+                               self.loss_scaler.loss_scale())
             if stop_signum:
                 self.stop_signum = int(stop_signum)
                 self._preempted(epoch, done)
@@ -369,40 +365,6 @@ class Trainer:
                          "steps skipped", epoch, datetime.timedelta(seconds=int(batch_time.sum)),
                          self.epoch_summary['train_loss'], n_skipped_images, self.epoch_summary['skipped_steps'])
         return False
-
-    def _report_skipped(self, epoch: int, values: dict) -> None:
-        if values['last_skipped'] < 0:
-            return
-        kind = 'loss' if values['skipped_loss'] > self._reported[0] else 'gradients'
-        self._reported = (values['skipped_loss'], values['skipped_grad'])
-        first, last = int(values['first_skipped']), int(values['last_skipped'])
-        where = f"iteration {last}" if first == last else f"iterations {first}..{last}"
-        self.logger.warning("non-finite %s at epoch %d %s: optimizer step skipped (%d this epoch)", kind, epoch,
-                            where, int(values['skipped_loss'] + values['skipped_grad']))
-
-    def _log_step(self, epoch: int, idx: int, values: dict, batch_time: AverageMeter, batch: int) -> None:
-        config, num_steps = self.config, self.n_iter
-        lr = self.optimizer.param_groups[0]['lr']
-        wd = self.optimizer.param_groups[0].get('weight_decay', 0.0)
-        loss_avg = values['loss_sum'] / values['images'] if values['images'] else float('nan')
-        norm_avg = values['norm_sum'] / values['steps'] if values['steps'] else float('nan')
-        etas = batch_time.avg * (num_steps - idx - 1)
-        mem = memory_mb(self.device)
-        self.logger.info(
-            f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t"
-            f"eta {datetime.timedelta(seconds=int(etas))} lr {lr:.6f}\t wd {wd:.4f}\t"
-            f"time {batch_time.val:.4f} ({batch_time.avg:.4f})\t"
-            f"loss {values['loss']:.4f} ({loss_avg:.4f})\t"
-            f"grad_norm {values['grad_norm']:.4f} ({norm_avg:.4f})\t"
-            f"loss_scale {self.loss_scaler.loss_scale():.1f}\tmem {mem:.0f}MB")
-        if self.tb_writer is not None:
-            step = epoch * num_steps + idx
-            self.tb_writer.add_scalar('train/loss', values['loss'], step)
-            self.tb_writer.add_scalar('train/lr', lr, step)
-            self.tb_writer.add_scalar('train/grad_norm', values['grad_norm'], step)
-            # images/s of the whole job (all ranks), from this rank's step time
-            self.tb_writer.add_scalar('train/throughput', batch * self.world_size / max(batch_time.val, 1e-9), step)
-            self.tb_writer.add_scalar('train/memory_mb', mem, step)
 
     def _diverged(self, epoch: int, idx: int, streak: int) -> None:
         """Stop without saving: the state in memory is not trusted, the files on disk are."""
@@ -427,25 +389,6 @@ class Trainer:
     def validate(self, model: Optional[nn.Module] = None) -> dict:
         return validate(model if model is not None else self.model_without_ddp, self.loader_val, self.device,
                         self.autocast, self.logger, max(self.config.PRINT_FREQ, 1))
-
-    def record(self, epoch: int, result: dict, ema_result: Optional[dict] = None) -> None:
-        """Append the epoch's numbers to <OUTPUT>/metrics.jsonl (rank 0), for plots and tests."""
-        if self.rank != 0:
-            return
-        row = {'epoch': epoch, 'lr': self.optimizer.param_groups[0]['lr'], **self.epoch_summary,
-               'val_acc1': result['acc1'], 'val_acc5': result['acc5'], 'val_loss': result['loss'],
-               'val_images': result['count'], 'max_accuracy': self.max_accuracy}
-        if ema_result is not None:
-            row.update(val_ema_acc1=ema_result['acc1'], val_ema_acc5=ema_result['acc5'])
-        with open(os.path.join(self.config.OUTPUT, 'metrics.jsonl'), 'a') as f:
-            f.write(json.dumps(row) + '\n')
-        if self.tb_writer is not None:
-            for key in ('val_acc1', 'val_acc5', 'val_loss'):
-                self.tb_writer.add_scalar(f"val/{key[4:]}", row[key], epoch)
-            for key in ('val_ema_acc1', 'val_ema_acc5'):
-                if key in row:
-                    self.tb_writer.add_scalar(f"val_ema/{key[8:]}", row[key], epoch)
-            self.tb_writer.flush()
 
     def evaluate(self) -> int:
         """``--eval``: load MODEL.RESUME (ours or an official ``{'model': ...}`` file), validate."""
