@@ -1,8 +1,8 @@
 """Stopping the way schedulers and terminals deliver it: a signal to the whole process group of
 ``train.sh``, to a bare torchrun (alone, or with its ranks and their DataLoader workers as Ctrl-C
 does), or Ctrl-C to a bare ``main.py`` with DataLoader workers. The current step is saved and the
-exit status says why;
-a failing ``train.sh`` / ``evaluate.sh`` ends with ``main.py``'s one-line error and exit status."""
+exit status says why; a failing ``train.sh`` / ``evaluate.sh`` ends with ``main.py``'s one-line
+error and exit status."""
 from __future__ import annotations
 
 import os
