@@ -2,9 +2,11 @@
 # Evaluate a checkpoint (ours or an official release file) on the val split, on one node.
 #
 #   ./evaluate.sh NUM_GPUS CONFIG CHECKPOINT [extra main.py args...]
-#   DAT_DATA_PATH=/data/imagenet ./evaluate.sh 8 configs/dat_tiny.yaml dat_pp_tiny_in1k_224.pth
+#   DAT_DATA_PATH=/data/imagenet ./evaluate.sh 8 configs/dat_tiny.yaml dat_pp_t_in1k_224.pth
 #
-# The dataset comes from --data-path among the extra arguments or from $DAT_DATA_PATH.
+# The dataset comes from --data-path among the extra arguments or from $DAT_DATA_PATH. Mixed
+# precision (--amp) is on when GPUs are visible. The exit status is main.py's, and a failure ends
+# with its one-line error.
 # Environment: PORT (rendezvous port, default 29501), TORCHRUN (launcher, default torchrun).
 set -euo pipefail
 
@@ -17,5 +19,8 @@ CKPT=$3
 shift 3
 
 HERE=$(cd "$(dirname "$0")" && pwd)
-exec ${TORCHRUN:-torchrun} --nproc_per_node "$NUM_GPUS" --master_port "${PORT:-29501}" \
-    "$HERE/main.py" --cfg "$CFG" --eval --resume "$CKPT" --amp "$@"
+AMP_ARGS=()
+if [ "${CUDA_VISIBLE_DEVICES-unset}" != "" ] && nvidia-smi -L >/dev/null 2>&1; then
+    AMP_ARGS=(--amp)
+fi
+exec "$HERE/tools/launch.sh" "$NUM_GPUS" --cfg "$CFG" --eval --resume "$CKPT" "${AMP_ARGS[@]}" "$@"

@@ -30,31 +30,46 @@ class _ColorFormatter(logging.Formatter):
         return f"{prefix} {where}: {level} {message}"
 
 
-def create_logger(output_dir: str, dist_rank: int = 0, name: str = '') -> logging.Logger:
+def _console_wanted(record: logging.LogRecord) -> bool:
+    """Records logged with ``extra={'console': False}`` (e.g. the full config) go to the file only."""
+    return getattr(record, 'console', True)
+
+
+def create_logger(output_dir: str, dist_rank: int = 0, name: str = '',
+                  capture_warnings: bool = False) -> logging.Logger:
     """Return the logger ``name`` writing to ``<output_dir>/log_rank{dist_rank}.txt`` (appended, so a
     resumed run continues its file) and, on rank 0 only, to stdout in colour.
 
-    Calling it again in the same process (e.g. with another ``output_dir``) replaces the handlers
-    it attached before rather than adding more.
+    ``capture_warnings`` routes Python warnings to the same handlers, so that they sit in the log
+    with the rest instead of on stderr. Calling it again in the same process (e.g. with another
+    ``output_dir``) replaces the handlers it attached before rather than adding more.
     """
     os.makedirs(output_dir, exist_ok=True)
     logger = logging.getLogger(name)
     logger.setLevel(logging.INFO)
-    if name:
-        # A named logger should not print a second time through the root logger's handlers.
-        logger.propagate = False
-    for handler in [h for h in logger.handlers if getattr(h, _OWNED, False)]:
-        logger.removeHandler(handler)
-        handler.close()
-
+    handlers = []
     if dist_rank == 0:
         console = logging.StreamHandler(sys.stdout)
         console.setFormatter(_ColorFormatter())
-        setattr(console, _OWNED, True)
-        logger.addHandler(console)
-
+        console.addFilter(_console_wanted)
+        handlers.append(console)
     log_file = logging.FileHandler(os.path.join(output_dir, f'log_rank{dist_rank}.txt'), mode='a')
     log_file.setFormatter(logging.Formatter(_FILE_FORMAT, datefmt=_DATE_FORMAT))
-    setattr(log_file, _OWNED, True)
-    logger.addHandler(log_file)
+    handlers.append(log_file)
+
+    targets = [logger]
+    if capture_warnings:
+        logging.captureWarnings(True)
+        targets.append(logging.getLogger('py.warnings'))
+    for target in targets:
+        if target.name:
+            # A named logger should not print a second time through the root logger's handlers.
+            target.propagate = False
+        for handler in [h for h in target.handlers if getattr(h, _OWNED, False)]:
+            target.removeHandler(handler)
+            if handler not in handlers:
+                handler.close()
+        for handler in handlers:
+            setattr(handler, _OWNED, True)
+            target.addHandler(handler)
     return logger

@@ -2,12 +2,13 @@
 # Train on one node with torchrun (one process per GPU; on a machine without GPUs, per CPU worker).
 #
 #   ./train.sh NUM_GPUS CONFIG [TAG] [extra main.py args...]
-#   DAT_DATA_PATH=/data/imagenet ./train.sh 8 configs/dat_tiny.yaml
+#   DAT_DATA_PATH=/data/imagenet ./train.sh 8 configs/dat_tiny.yaml run1
 #   ./train.sh 8 configs/dat_tiny.yaml run1 --data-path /data/imagenet --batch-size 64
 #
-# The dataset comes from --data-path among the extra arguments or from $DAT_DATA_PATH.
+# The dataset comes from --data-path among the extra arguments or from $DAT_DATA_PATH. Mixed
+# precision (--amp) is on when GPUs are visible. The exit status is main.py's, and a failure ends
+# with its one-line error; SIGTERM / SIGUSR1 / Ctrl-C save the current step (see tools/launch.sh).
 # Environment: PORT (rendezvous port, default 29501), TORCHRUN (launcher, default torchrun).
-# Mixed precision (--amp, float16) is on; on a CPU main.py falls back to float32 with a warning.
 set -euo pipefail
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2; exit 2; }
@@ -23,5 +24,8 @@ if [ $# -ge 1 ] && [[ $1 != -* ]]; then     # an optional tag before the extra a
 fi
 
 HERE=$(cd "$(dirname "$0")" && pwd)
-exec ${TORCHRUN:-torchrun} --nproc_per_node "$NUM_GPUS" --master_port "${PORT:-29501}" \
-    "$HERE/main.py" --cfg "$CFG" --amp "${TAG_ARGS[@]}" "$@"
+AMP_ARGS=()
+if [ "${CUDA_VISIBLE_DEVICES-unset}" != "" ] && nvidia-smi -L >/dev/null 2>&1; then
+    AMP_ARGS=(--amp)
+fi
+exec "$HERE/tools/launch.sh" "$NUM_GPUS" --cfg "$CFG" "${AMP_ARGS[@]}" "${TAG_ARGS[@]}" "$@"

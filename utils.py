@@ -1,4 +1,4 @@
-"""Checkpoint I/O, pretrained loading, RNG state, distributed helpers and AMP gradient scaling.
+"""Checkpoint I/O and pretrained loading; reproducibility (deterministic kernels, RNG state, digests).
 
 Checkpoints hold only tensors and plain Python values, so they load with
 ``torch.load(path, map_location='cpu', weights_only=True)``: opening a checkpoint never runs
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import hashlib
 import logging
 import math
 import os
@@ -16,21 +17,17 @@ import random
 import re
 import secrets
 import shutil
-from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
     'CheckpointError', 'atomic_save', 'load_checkpoint_file', 'CheckpointManager', 'find_resume',
     'strip_prefixes', 'unwrap_model', 'unwrap_state_dict', 'load_model_state', 'load_pretrained',
-    'get_rng_state', 'set_rng_state',
-    'init_distributed', 'cleanup_distributed', 'is_dist', 'get_rank', 'get_world_size',
-    'is_main_process', 'all_reduce_sum', 'reduce_mean', 'barrier',
-    'get_grad_norm', 'NativeScalerWithGradNormCount', 'AverageMeter',
+    'configure_determinism', 'state_digest', 'get_rng_state', 'set_rng_state',
 ]
 
 _log = logging.getLogger(__name__)
@@ -641,7 +638,34 @@ def find_resume(output_dir: str, logger: Optional[logging.Logger] = None) -> Opt
     return CheckpointManager(output_dir, logger=logger).latest()
 
 
-# ============================================================================ RNG state
+# ============================================================================ reproducibility
+def configure_determinism(deterministic: bool) -> None:
+    """Reproducible kernels and thread counts when ``deterministic``; fast autotuning otherwise."""
+    if deterministic:
+        # cuBLAS is only deterministic with a fixed workspace; must be set before its first use.
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+        # grid_sample's CUDA backward has no deterministic kernel: warn there instead of failing.
+        torch.use_deterministic_algorithms(True, warn_only=torch.cuda.is_available())
+        # Float reductions split over threads depend on the thread count: pin it.
+        torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS') or 1))
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def state_digest(module: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer (names, dtypes and bytes): equal digests on two
+    ranks mean bit-identical replicas."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b'')
+    return h.hexdigest()
+
+
 def get_rng_state() -> Dict[str, Any]:
     """Python, numpy, torch CPU and CUDA generator states, as tensors and plain values."""
     version, internal, gauss_next = random.getstate()
@@ -671,175 +695,3 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         # A run resumed on fewer GPUs restores the devices it has.
         for index, device_state in enumerate(state['cuda'][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(device_state, index)
-
-
-# ============================================================================ distributed
-def _env_int(name: str, default: Optional[int] = None) -> int:
-    value = os.environ.get(name)
-    if value is None:
-        if default is None:
-            raise RuntimeError(f"environment variable {name} is not set; launch with torchrun "
-                               f"(or set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)")
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise RuntimeError(f"environment variable {name}={value!r} is not an integer") from None
-
-
-def init_distributed() -> Tuple[int, int, int, torch.device]:
-    """Set up this process from torchrun's environment; returns ``(rank, world_size, local_rank, device)``.
-
-    With ``WORLD_SIZE > 1`` a process group is created (NCCL on CUDA, gloo on CPU). A single
-    process (no environment) gets ``(0, 1, 0, cuda:0 or cpu)`` and no process group.
-    """
-    world_size = _env_int('WORLD_SIZE', 1)
-    rank = _env_int('RANK') if world_size > 1 else _env_int('RANK', 0)
-    local_rank = _env_int('LOCAL_RANK', rank if world_size > 1 else 0)
-    if torch.cuda.is_available():
-        if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK is {local_rank} but only {torch.cuda.device_count()} GPUs are visible; "
-                               f"use at most that many processes per node (--nproc_per_node)")
-        torch.cuda.set_device(local_rank)
-        device = torch.device('cuda', local_rank)
-    else:
-        device = torch.device('cpu')
-    if world_size > 1 and not is_dist():
-        for name in ('MASTER_ADDR', 'MASTER_PORT'):
-            if not os.environ.get(name):
-                raise RuntimeError(f"WORLD_SIZE is {world_size} but {name} is not set; launch with torchrun")
-        backend = 'nccl' if device.type == 'cuda' else 'gloo'
-        # Binding NCCL to the device up front avoids guessing it at the first collective.
-        extra = {'device_id': device} if backend == 'nccl' else {}
-        dist.init_process_group(backend=backend, init_method='env://', rank=rank, world_size=world_size, **extra)
-    return rank, world_size, local_rank, device
-
-
-def cleanup_distributed() -> None:
-    """Destroy the process group, if any (end of training)."""
-    if is_dist():
-        dist.destroy_process_group()
-
-
-def is_dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def get_rank() -> int:
-    return dist.get_rank() if is_dist() else 0
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if is_dist() else 1
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
-
-
-def barrier() -> None:
-    if is_dist():
-        dist.barrier()
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum of ``t`` over all processes, as a new tensor (``t`` itself is unchanged)."""
-    out = t.detach().clone()
-    if is_dist():
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
-
-
-def reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    """Mean of ``t`` over all processes, as a new tensor."""
-    return all_reduce_sum(t) / get_world_size()
-
-
-# ============================================================================ gradients and AMP
-def get_grad_norm(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], norm_type: float = 2.0) -> float:
-    """Total ``norm_type`` norm of the gradients of ``parameters`` (those without a grad are skipped)."""
-    if isinstance(parameters, torch.Tensor):
-        parameters = [parameters]
-    grads = [p.grad.detach() for p in parameters if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(torch.nn.utils.get_total_norm(grads, norm_type=float(norm_type)))
-
-
-class NativeScalerWithGradNormCount:
-    """Backward, unscale, clip and step with ``torch.amp.GradScaler`` (Swin-style loss scaler).
-
-    ``enabled=False`` (bf16 / fp32 training) keeps the same interface without scaling. After
-    each update ``last_step_skipped`` says whether the optimizer step was skipped because the
-    gradients were not finite: the scaler skips such steps itself, and without scaling they
-    are skipped here so that a NaN never reaches the weights.
-    """
-    state_dict_key = 'amp_scaler'
-
-    def __init__(self, enabled: bool = True, device: str = 'cuda'):
-        self._scaler = torch.amp.GradScaler(device, enabled=enabled)
-        self.last_step_skipped = False
-
-    @property
-    def enabled(self) -> bool:
-        return self._scaler.is_enabled()
-
-    def get_scale(self) -> float:
-        """The current loss scale (1.0 when scaling is disabled)."""
-        return float(self._scaler.get_scale()) if self.enabled else 1.0
-
-    def __call__(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, clip_grad: Optional[float] = None,
-                 parameters: Optional[Iterable[torch.Tensor]] = None, create_graph: bool = False,
-                 update_grad: bool = True) -> Optional[float]:
-        """Backward ``loss``; when ``update_grad`` also step ``optimizer`` and return the gradient norm
-        (before clipping; may be inf / nan). Returns None while accumulating (``update_grad=False``)."""
-        self._scaler.scale(loss).backward(create_graph=create_graph)
-        self.last_step_skipped = False
-        if not update_grad:
-            return None
-        params = list(parameters) if parameters is not None else [
-            p for group in optimizer.param_groups for p in group['params']]
-        self._scaler.unscale_(optimizer)   # clip and measure true gradients
-        if clip_grad is not None and clip_grad > 0:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, clip_grad))
-        else:
-            norm = get_grad_norm(params)
-        if self.enabled:
-            scale = self._scaler.get_scale()
-            self._scaler.step(optimizer)
-            self._scaler.update()
-            # The scaler backs off its scale exactly when it found inf/nan and skipped the step.
-            self.last_step_skipped = self._scaler.get_scale() < scale
-        elif math.isfinite(norm):
-            optimizer.step()
-        else:
-            self.last_step_skipped = True
-        return norm
-
-    def state_dict(self) -> Dict[str, Any]:
-        return self._scaler.state_dict()
-
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        # An fp16 run resumed in bf16 (or the reverse) has nothing to restore.
-        if state_dict and self.enabled:
-            self._scaler.load_state_dict(state_dict)
-
-
-class AverageMeter:
-    """Running value, sum, count and average of a metric."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.val = 0.0
-        self.sum = 0.0
-        self.count = 0
-        self.avg = 0.0
-
-    def update(self, val: Union[float, torch.Tensor], n: int = 1) -> None:
-        val = float(val.item()) if isinstance(val, torch.Tensor) else float(val)
-        self.val = val
-        self.sum += val * n
-        self.count += n
-        self.avg = self.sum / self.count if self.count else 0.0

@@ -12,6 +12,8 @@ import torch
 
 from conftest import MODEL_NAME, TINY_OPTS, file_digests, load_ckpt, run_main, tiny_args
 
+pytestmark = pytest.mark.slow       # starts real main.py processes
+
 TAG = 'case'
 
 

@@ -8,10 +8,13 @@ import re
 import signal
 import time
 
+import pytest
 import torch
 
 from conftest import (MODEL_NAME, TINY_EPOCHS, assert_same_training_state, checkpoint_files,
                       final_checkpoint, load_ckpt, run_main, start_main, tiny_args, wait_for)
+
+pytestmark = pytest.mark.slow       # starts real main.py processes
 
 KILLS = 10
 STEPS_PER_EPOCH = 12

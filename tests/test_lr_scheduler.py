@@ -1,18 +1,14 @@
 """Per-iteration schedules: warm-up, decay shapes, lr_scale ratios, and resuming from a saved state."""
 import math
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from config import load_config  # noqa: E402
-from lr_scheduler import build_scheduler  # noqa: E402
-from optimizer import build_optimizer  # noqa: E402
-from utils import atomic_save, load_checkpoint_file  # noqa: E402
+from config import load_config
+from lr_scheduler import build_scheduler
+from optimizer import build_optimizer
+from utils import atomic_save, load_checkpoint_file
 
 BASE, WARM, MIN = 1e-3, 1e-6, 1e-5
 N_ITER, EPOCHS, WARMUP = 5, 10, 2          # 50 updates, the first 10 warming up

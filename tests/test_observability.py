@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 import torch
 
 from conftest import MODEL_NAME, load_ckpt, run_main, tiny_args
+
+pytestmark = pytest.mark.slow       # starts real main.py processes
 
 EPOCHS = 2
 EMA_OPTS = ('TRAIN.EMA.ENABLE', 'True', 'TRAIN.EMA.DECAY', '0.9', 'TRAIN.EPOCHS', str(EPOCHS),

@@ -1,19 +1,12 @@
 """Parameter grouping (weight decay, lower-lr keyword) and optimizer construction, checked by name."""
-import os
-import sys
-
 import pytest
 import torch
 import torch.nn as nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from config import load_config  # noqa: E402
-from optimizer import build_optimizer, parameter_groups  # noqa: E402
-from utils import atomic_save, load_checkpoint_file  # noqa: E402
-
-FIXTURES = os.path.join(ROOT, '..', 'shared', 'fixtures', 'dat_official')
+from config import load_config
+from conftest import REPO, fixture_dir
+from optimizer import build_optimizer, parameter_groups
+from utils import atomic_save, load_checkpoint_file
 
 
 class _Deform(nn.Module):
@@ -148,22 +141,14 @@ def test_optimizer_state_survives_weights_only_checkpoint(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the real model
-def _real_model(cfg_file):
-    models = pytest.importorskip('models', reason='models/ is not importable yet')
-    if not hasattr(models, 'build_model'):
-        pytest.skip('models.build_model does not exist yet')
-    if not os.path.isfile(cfg_file):
-        pytest.skip(f'{cfg_file} not present')
-    return models.build_model(load_config(cfg_file))
-
-
-@pytest.mark.parametrize('cfg_file', [
-    os.path.join(FIXTURES, 'mini_pp.yaml'),
-    os.path.join(FIXTURES, 'mini_window.yaml'),
-    os.path.join(ROOT, 'configs', 'dat_tiny.yaml'),
-])
+@pytest.mark.parametrize('cfg_file', ['fixture:mini_pp.yaml', 'fixture:mini_window.yaml', 'configs/dat_tiny.yaml'])
 def test_real_model_position_tables_and_biases_are_not_decayed(cfg_file):
-    model = _real_model(cfg_file)
+    from models import build_model
+    if cfg_file.startswith('fixture:'):
+        path = fixture_dir('dat_official') / cfg_file.split(':', 1)[1]
+    else:
+        path = REPO / cfg_file
+    model = build_model(load_config(str(path)))
     groups = _by_name(parameter_groups(model, weight_decay=0.05))
     no_decay = set(groups['no_decay']['param_names'])
     decay = set(groups['decay']['param_names'])

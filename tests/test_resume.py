@@ -7,8 +7,12 @@ import re
 import shutil
 import signal
 
+import pytest
+
 from conftest import (MODEL_NAME, TINY_EPOCHS, assert_same_training_state, final_checkpoint,
                       load_ckpt, run_main, start_main, tiny_args, wait_for)
+
+pytestmark = pytest.mark.slow       # starts real main.py processes
 
 
 def _resumed_from(log: str):
@@ -56,3 +60,12 @@ def test_mid_epoch_resume_is_exact(tmp_path, tiny_data, tiny_reference):
     assert _resumed_from(run.log()) == (1, newest['iteration'])
     assert_same_training_state(final_checkpoint(tiny_reference.output), final_checkpoint(run.output))
     assert run.accuracies() == tiny_reference.accuracies()[1:]
+
+
+def test_rerunning_a_finished_run_says_so(tmp_path, tiny_data, tiny_reference):
+    out_dir = tmp_path / MODEL_NAME / 'done'
+    out_dir.mkdir(parents=True)
+    shutil.copy(tiny_reference.output / f'ckpt_epoch_{TINY_EPOCHS - 1}.pth', out_dir)
+    run = run_main(tiny_args(tiny_data), tmp_path, tag='done').check()
+    assert 'training is already finished' in run.stdout and 'Train: [' not in run.stdout
+    assert sorted(p.name for p in out_dir.glob('*.pth')) == [f'ckpt_epoch_{TINY_EPOCHS - 1}.pth']

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from conftest import ACC_DETAIL, ACC_LINE, Run, load_ckpt, run_main
 
+pytestmark = pytest.mark.slow       # starts real main.py processes
+
 CHANCE = 25.0           # 4 balanced classes
 N_VAL = 128
 
@@ -64,13 +66,17 @@ def test_finetune_at_a_larger_size_loads_every_parameter(demo_run, tmp_path, dem
     run = run_main(['--pretrained', str(pretrained), '--data-path', demo_small, '--opts',
                     'DATA.IMG_SIZE', '96', 'MODEL.DAT.img_size', '96', 'TRAIN.EPOCHS', '1',
                     'TRAIN.WARMUP_EPOCHS', '0', 'TRAIN.BASE_LR', '0.0', 'TRAIN.WARMUP_LR', '0.0',
-                    'TRAIN.MIN_LR', '0.0', 'TENSORBOARD', 'False'], tmp_path, tag='ft96').check()
+                    'TRAIN.MIN_LR', '0.0', 'TENSORBOARD', 'False', 'TRAIN.EMA.ENABLE', 'True'],
+                   tmp_path, tag='ft96').check()
     assert 'loaded pretrained weights' in run.log()
     assert 'Accuracy of the network on the 64 test images' in run.stdout     # demo_small's val set
 
     before = load_ckpt(pretrained)['model']
-    after = load_ckpt(run.output / 'ckpt_epoch_0.pth')['model']
+    saved = load_ckpt(run.output / 'ckpt_epoch_0.pth')
+    after = saved['model']
     assert before.keys() == after.keys()
+    # The EMA started from the fine-tuned model's weights, not from a fresh initialisation.
+    assert all(torch.equal(saved['ema'][k], v) for k, v in after.items())
     resized = []
     for name, old in before.items():
         new = after[name]

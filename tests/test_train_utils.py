@@ -1,20 +1,24 @@
-"""Logger, distributed helpers (two real gloo processes), AMP loss scaler, grad norm, AverageMeter."""
+"""Logger, distributed helpers (two real gloo processes), the optimizer step that skips non-finite
+updates on the device, and the device-side step statistics."""
+import logging
 import math
 import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
 import torch.nn as nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from conftest import REPO
+from distributed import LaunchError, agree, init_distributed, is_dist
+from logger import create_logger
+from train_step import OptimizerStep, StepStats, ema_update
+from utils import atomic_save, load_checkpoint_file
 
-from logger import create_logger  # noqa: E402
-from utils import (AverageMeter, NativeScalerWithGradNormCount, atomic_save, get_grad_norm,  # noqa: E402
-                   init_distributed, is_dist, load_checkpoint_file)
+ROOT = str(REPO)
 
 
 # ----------------------------------------------------------------------------- logger
@@ -72,26 +76,26 @@ def test_multi_process_env_without_master_is_a_clear_error(monkeypatch):
     monkeypatch.setenv('WORLD_SIZE', '2')
     monkeypatch.setenv('RANK', '0')
     monkeypatch.delenv('MASTER_ADDR', raising=False)
-    with pytest.raises(RuntimeError, match='MASTER_ADDR.*torchrun'):
+    with pytest.raises(LaunchError, match='MASTER_ADDR.*torchrun'):
         init_distributed()
     assert not is_dist()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_reduce_across_ranks(tmp_path):
     script = tmp_path / 'worker.py'
     script.write_text(textwrap.dedent(f"""
         import sys, torch
         sys.path.insert(0, {ROOT!r})
-        from utils import (init_distributed, is_dist, get_rank, get_world_size, is_main_process,
-                           all_reduce_sum, reduce_mean, barrier, cleanup_distributed)
+        from distributed import agree, all_reduce, cleanup_distributed, init_distributed, is_dist
         rank, world, local, device = init_distributed()
         t = torch.tensor([float(rank + 1), 10.0])
-        s, m = all_reduce_sum(t), reduce_mean(t)
-        barrier()
+        s, m = all_reduce(t), all_reduce(t, op='max')
+        a = agree([rank, 5 - rank], device)
         # one file per rank: the ranks share stdout, where their lines can interleave
         with open(f"{tmp_path}/rank{{rank}}.txt", "w") as out:
-            out.write(f"{{rank}} {{world}} {{local}} {{device}} {{is_dist()}} {{get_rank()}} {{get_world_size()}} "
-                      f"{{is_main_process()}} {{s.tolist()}} {{m.tolist()}} {{t.tolist()}}")
+            out.write(f"{{rank}} {{world}} {{local}} {{device}} {{is_dist()}} {{s.tolist()}} {{m.tolist()}} "
+                      f"{{a}} {{t.tolist()}}")
         cleanup_distributed()
     """))
     env = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'OMP_NUM_THREADS': '1'}
@@ -102,15 +106,19 @@ def test_two_gloo_processes_reduce_across_ranks(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [(tmp_path / f'rank{r}.txt').read_text() for r in range(2)]
     assert lines == [
-        '0 2 0 cpu True 0 2 True [3.0, 20.0] [1.5, 10.0] [1.0, 10.0]',
-        '1 2 1 cpu True 1 2 False [3.0, 20.0] [1.5, 10.0] [2.0, 10.0]',
+        '0 2 0 cpu True [3.0, 20.0] [2.0, 10.0] [1.0, 5.0] [1.0, 10.0]',
+        '1 2 1 cpu True [3.0, 20.0] [2.0, 10.0] [1.0, 5.0] [2.0, 10.0]',
     ]
 
 
-# ----------------------------------------------------------------------------- grad norm and scaler
-def _model_and_opt(seed=0):
+# ----------------------------------------------------------------------------- optimizer step
+def _model_and_opt(seed=0, opt='sgd'):
     torch.manual_seed(seed)
     model = nn.Linear(4, 3)
+    if opt == 'fused_adamw':
+        return model, torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    if opt == 'fused_sgd':
+        return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, fused=True)
     return model, torch.optim.SGD(model.parameters(), lr=0.1)
 
 
@@ -119,77 +127,154 @@ def _loss(model, scale=1.0):
     return (model(torch.randn(8, 4)) ** 2).mean() * scale
 
 
-def test_get_grad_norm_matches_flat_norm():
-    model, _ = _model_and_opt()
-    _loss(model).backward()
-    flat = torch.cat([p.grad.flatten() for p in model.parameters()])
-    assert get_grad_norm(model.parameters()) == pytest.approx(flat.norm().item())
-    assert get_grad_norm(model.parameters(), norm_type=float('inf')) == pytest.approx(flat.abs().max().item())
-    assert get_grad_norm([nn.Parameter(torch.ones(2))]) == 0.0          # no grads at all
+def _flat_grad_norm(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
 
 
-def test_scaler_disabled_steps_clips_and_reports_norm():
+def test_step_clips_and_reports_the_norm_before_clipping():
     model, opt = _model_and_opt()
     ref, _ = _model_and_opt()
     _loss(ref).backward()
-    expected = get_grad_norm(ref.parameters())
+    expected = _flat_grad_norm(ref)
     before = model.weight.detach().clone()
-    scaler = NativeScalerWithGradNormCount(enabled=False)
-    assert scaler.get_scale() == 1.0
-    norm = scaler(_loss(model), opt, clip_grad=0.01, parameters=model.parameters())
-    assert norm == pytest.approx(expected) and expected > 0.01      # the norm before clipping
-    assert get_grad_norm(model.parameters()) == pytest.approx(0.01, rel=1e-4)
-    assert not scaler.last_step_skipped and not torch.equal(before, model.weight)
+    step = OptimizerStep(opt, fp16_scaler=False, device=torch.device('cpu'), clip_grad=0.01)
+    step.backward(_loss(model))
+    norm, skipped = step.step(model.parameters())
+    assert norm.item() == pytest.approx(expected) and expected > 0.01      # the norm before clipping
+    assert _flat_grad_norm(model) == pytest.approx(0.01, rel=1e-4)
+    assert not skipped.item() and not torch.equal(before, model.weight)
+    assert step.loss_scale() == 1.0 and step.state_dict() == {}
 
 
-def test_scaler_disabled_skips_non_finite_step():
+def test_step_without_clipping_reports_the_total_norm():
     model, opt = _model_and_opt()
-    before = model.weight.detach().clone()
-    scaler = NativeScalerWithGradNormCount(enabled=False)
-    norm = scaler(_loss(model, scale=float('inf')), opt, clip_grad=5.0, parameters=model.parameters())
-    assert not math.isfinite(norm) and scaler.last_step_skipped
-    assert torch.equal(before, model.weight)
+    step = OptimizerStep(opt, fp16_scaler=False, device=torch.device('cpu'), clip_grad=0.0)
+    step.backward(_loss(model))
+    expected = _flat_grad_norm(model)
+    norm, _ = step.step(model.parameters())
+    assert norm.item() == pytest.approx(expected)
 
 
-def test_scaler_enabled_unscales_and_skips_overflow():
+@pytest.mark.parametrize('opt', ['sgd', 'fused_adamw', 'fused_sgd'])
+def test_non_finite_step_is_skipped(opt):
+    """Plain optimizers skip on a host check, fused ones on the device flag: weights and
+    optimizer state (AdamW's step count, SGD's momentum) stay as they were."""
+    model, optimizer = _model_and_opt(opt=opt)
+    step = OptimizerStep(optimizer, fp16_scaler=False, device=torch.device('cpu'), clip_grad=5.0)
+    step.backward(_loss(model))
+    step.step(model.parameters())
+    optimizer.zero_grad()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state_before = {k: {n: t.clone() for n, t in v.items()} for k, v in optimizer.state.items()}
+    step.backward(_loss(model, scale=float('inf')))
+    norm, skipped = step.step(model.parameters())
+    assert not math.isfinite(norm.item()) and skipped.item()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    for p, state in optimizer.state.items():
+        for name, value in state.items():
+            assert torch.equal(value, state_before[p][name]), name
+    assert not hasattr(optimizer, 'found_inf')      # the protocol attributes are cleared again
+
+
+def test_fp16_scaler_unscales_and_skips_overflow():
     model, opt = _model_and_opt()
     ref, _ = _model_and_opt()
     _loss(ref).backward()
-    scaler = NativeScalerWithGradNormCount(enabled=True, device='cpu')
-    assert scaler.enabled
-    norm = scaler(_loss(model), opt, clip_grad=None)
-    assert norm == pytest.approx(get_grad_norm(ref.parameters()), rel=1e-5)    # unscaled
-    assert not scaler.last_step_skipped
+    step = OptimizerStep(opt, fp16_scaler=True, device=torch.device('cpu'), clip_grad=None)
+    step.backward(_loss(model))
+    norm, skipped = step.step(model.parameters())
+    assert norm.item() == pytest.approx(_flat_grad_norm(ref), rel=1e-5)    # unscaled
+    assert not skipped.item()
     opt.zero_grad()
     before = model.weight.detach().clone()
-    scale = scaler.get_scale()
-    scaler(_loss(model, scale=float('inf')), opt, clip_grad=5.0, parameters=model.parameters())
-    assert scaler.last_step_skipped and torch.equal(before, model.weight)
-    assert scaler.get_scale() == scale / 2 == scaler.state_dict()['scale']
-
-
-def test_scaler_accumulation_does_not_step():
-    model, opt = _model_and_opt()
-    before = model.weight.detach().clone()
-    scaler = NativeScalerWithGradNormCount(enabled=False)
-    assert scaler(_loss(model), opt, update_grad=False) is None
-    assert torch.equal(before, model.weight) and model.weight.grad is not None
+    scale = step.loss_scale()
+    step.backward(_loss(model, scale=float('inf')))
+    _, skipped = step.step(model.parameters())
+    assert skipped.item() and torch.equal(before, model.weight)
+    assert step.loss_scale() == scale / 2 == step.state_dict()['scale']
 
 
 def test_scaler_state_round_trip_through_file(tmp_path):
     model, opt = _model_and_opt()
-    scaler = NativeScalerWithGradNormCount(enabled=True, device='cpu')
-    scaler(_loss(model, scale=float('inf')), opt)          # backs the scale off once
+    step = OptimizerStep(opt, fp16_scaler=True, device=torch.device('cpu'), clip_grad=None)
+    step.backward(_loss(model, scale=float('inf')))
+    step.step(model.parameters())                        # backs the scale off once
     path = str(tmp_path / 's.pth')
-    atomic_save({'scaler': scaler.state_dict()}, path)
-    restored = NativeScalerWithGradNormCount(enabled=True, device='cpu')
+    atomic_save({'scaler': step.state_dict()}, path)
+    restored = OptimizerStep(opt, fp16_scaler=True, device=torch.device('cpu'), clip_grad=None)
     restored.load_state_dict(load_checkpoint_file(path)['scaler'])
-    assert restored.state_dict() == scaler.state_dict() and restored.state_dict()['scale'] == 2.0 ** 15
-    NativeScalerWithGradNormCount(enabled=False).load_state_dict(scaler.state_dict())   # bf16 resume: ignored
+    assert restored.state_dict() == step.state_dict() and restored.state_dict()['scale'] == 2.0 ** 15
+    OptimizerStep(opt, fp16_scaler=False, device=torch.device('cpu'), clip_grad=None).load_state_dict(
+        step.state_dict())   # bf16 resume: ignored
 
 
-def test_average_meter_weights_by_count():
-    meter = AverageMeter()
-    meter.update(1.0, n=3)
-    meter.update(torch.tensor(5.0))
-    assert (meter.val, meter.sum, meter.count, meter.avg) == (5.0, 8.0, 4, 2.0)
+# ----------------------------------------------------------------------------- step statistics
+def _update(stats, it, loss, norm, skipped=False, dropped=False, images=2):
+    stats.update(it, torch.tensor(loss), images, torch.tensor(norm), torch.tensor(skipped), torch.tensor(dropped))
+
+
+def test_step_stats_sum_taken_steps_and_count_streaks():
+    stats = StepStats(torch.device('cpu'))
+    _update(stats, 0, 1.0, 3.0)
+    _update(stats, 1, float('nan'), float('nan'), skipped=True)
+    _update(stats, 2, 2.0, float('inf'), skipped=True)                     # finite loss, bad gradients
+    _update(stats, 3, 0.5, 9.0, skipped=True, dropped=True)                # a rank had no images
+    v = stats.read()
+    assert (v['loss_sum'], v['images'], v['norm_sum'], v['steps']) == (2.0, 2.0, 3.0, 1.0)
+    assert (v['skipped_loss'], v['skipped_grad'], v['dropped'], v['overflow']) == (1.0, 1.0, 1.0, 0.0)
+    assert v['streak'] == 0 and v['max_streak'] == 2                       # the dropped step ends it
+    assert (v['first_skipped'], v['last_skipped']) == (1.0, 2.0)
+    assert math.isnan(v['loss'])                                           # a dropped step shows nan
+    _update(stats, 4, 1.0, 1.0)
+    v = stats.read()
+    assert v['max_streak'] == 0 and v['last_skipped'] == -1 and v['steps'] == 2.0
+    stats.new_epoch()
+    assert stats.read()['steps'] == 0
+
+
+def test_step_stats_with_a_grad_scaler_count_only_non_finite_losses():
+    stats = StepStats(torch.device('cpu'), grad_scaler=True)
+    _update(stats, 0, 2.0, float('inf'), skipped=True)      # loss-scale search, not a divergence
+    _update(stats, 1, float('inf'), float('nan'), skipped=True)
+    v = stats.read()
+    assert (v['overflow'], v['skipped_loss'], v['max_streak']) == (1.0, 1.0, 1.0)
+
+
+def test_ema_update_follows_taken_steps_only():
+    torch.manual_seed(0)
+    model, ema = nn.Linear(3, 2), nn.Linear(3, 2)
+    model.register_buffer('count', torch.tensor(7))
+    ema.register_buffer('count', torch.tensor(0))
+    before = ema.weight.detach().clone()
+    ema_update(ema, model, 0.9, torch.tensor(False))
+    assert torch.equal(ema.weight, before)
+    ema_update(ema, model, 0.9, torch.tensor(True))
+    assert torch.allclose(ema.weight, 0.9 * before + 0.1 * model.weight)
+    assert ema.count.item() == 7
+
+
+def test_agree_in_a_single_process():
+    assert agree([3, 0.5], torch.device('cpu')) == [3.0, 0.5]
+
+
+def test_python_warnings_go_to_the_log_file(tmp_path):
+    logger = create_logger(str(tmp_path), dist_rank=1, name='t_warn', capture_warnings=True)
+    try:
+        warnings.warn('a library warning', UserWarning)
+        assert 'a library warning' in (tmp_path / 'log_rank1.txt').read_text()
+    finally:
+        logging.captureWarnings(False)
+        _drop(logging.getLogger('py.warnings'))
+        _drop(logger)
+
+
+def test_file_only_records_stay_off_the_console(tmp_path, capsys):
+    logger = create_logger(str(tmp_path), dist_rank=0, name='t_file_only')
+    try:
+        logger.info('the full config', extra={'console': False})
+        logger.info('one summary line')
+        out = capsys.readouterr().out
+        assert 'one summary line' in out and 'the full config' not in out
+        assert 'the full config' in (tmp_path / 'log_rank0.txt').read_text()
+    finally:
+        _drop(logger)

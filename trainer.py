@@ -1,0 +1,408 @@
+"""The objects of one training run and the operations on them: build, train an epoch, save,
+resume, evaluate.
+
+:meth:`Trainer.train_one_epoch` runs without per-step host syncs: steps that are not finite are
+skipped on the device (see ``train_step.py``), and statistics, the stop request and the
+divergence check are read every ``PRINT_FREQ`` steps (every step a stop signal is pending in a
+single process), at the end of the epoch and before a mid-epoch checkpoint.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import time
+from contextlib import nullcontext
+from typing import Any, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from timm.loss import SoftTargetCrossEntropy
+from timm.utils import AverageMeter, ModelEmaV2
+from torch.nn.parallel import DistributedDataParallel
+
+from config import ConfigError
+from data import build_loader
+from distributed import agree, all_reduce
+from evaluation import validate
+from lr_scheduler import build_scheduler
+from models import build_model
+from optimizer import build_optimizer
+from preemption import StopRequest, ignore_stop_signals
+from progress import Progress
+from train_step import OptimizerStep, StepStats, autocast_settings, ema_update
+from utils import (CheckpointError, CheckpointManager, get_rng_state, load_checkpoint_file, load_model_state,
+                   set_rng_state, unwrap_state_dict)
+
+__all__ = ['Trainer', 'TrainingDiverged', 'ModelInputError']
+
+
+class TrainingDiverged(RuntimeError):
+    """Training stopped because the loss was non-finite too many optimizer steps in a row."""
+
+
+class ModelInputError(ValueError):
+    """The model cannot be built for, or run at, the configured input size."""
+
+
+def build_checked_model(config, device: torch.device) -> nn.Module:
+    """Build the model and run one tiny forward pass, so that an input size the architecture cannot
+    handle is reported now, in one line, rather than as a traceback from inside the first step."""
+    try:
+        model = build_model(config)
+        model.to(device)
+        model.eval()
+        with torch.no_grad():
+            size = config.DATA.IMG_SIZE
+            model(torch.zeros(1, 3, size, size, device=device))
+        model.train()
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ModelInputError(f"model '{config.MODEL.NAME}' at DATA.IMG_SIZE {config.DATA.IMG_SIZE}: "
+                              f"{e}") from None
+    return model
+
+
+def build_criterion(config, mixup_fn) -> nn.Module:
+    if mixup_fn is not None:
+        return SoftTargetCrossEntropy()          # mixup / cutmix already smooth the labels
+    return nn.CrossEntropyLoss(label_smoothing=max(config.MODEL.LABEL_SMOOTHING, 0.0))
+
+
+def _progress_to_resume(ckpt: dict) -> Tuple[int, int]:
+    """(epoch, batch) to continue from, for our checkpoints and Swin / official full ones."""
+    epoch = int(ckpt['epoch'])
+    if 'iteration' in ckpt:         # CheckpointManager: None once the epoch is finished
+        iteration = ckpt['iteration']
+        return (epoch + 1, 0) if iteration is None else (epoch, int(iteration))
+    return epoch + 1, 0             # Swin / official: 'epoch' is the last finished epoch
+
+
+
+class Trainer:
+    """Model, data, optimizer, schedule, EMA and checkpoints of one run (one rank of it)."""
+
+    def __init__(self, config, rank: int, world_size: int, device: torch.device,
+                 logger: logging.Logger) -> None:
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
+        self.logger = logger
+        self.amp, self.amp_dtype = autocast_settings(config, device, logger)
+        self.stop = StopRequest()
+        self.max_accuracy = 0.0
+        self.start_epoch = config.TRAIN.START_EPOCH
+        self.start_iter = 0
+        self.pending_rng: Optional[dict] = None     # restored after the resumed epoch's loader starts
+        self.last_checkpoint: Optional[str] = None
+        self.ema = None
+        self.ema_restored = False
+        self.stop_signum = 0            # the stop signal agreed by all ranks
+        self.progress: Optional[Progress] = None
+        self.epoch_summary: dict = {}
+
+    # ------------------------------------------------------------------ building
+    def build(self, with_data: bool = True) -> None:
+        config, logger = self.config, self.logger
+        self.mixup_fn = None
+        if with_data:
+            (self.dataset_train, self.dataset_val, self.loader_train, self.loader_val,
+             self.mixup_fn) = build_loader(config)
+            for loader in (self.loader_train, self.loader_val):
+                loader.worker_init_fn = ignore_stop_signals
+            logger.info("data: %d train / %d val images, %d classes, %d train iterations per epoch",
+                        len(self.dataset_train), len(self.dataset_val), len(self.dataset_val.classes),
+                        len(self.loader_train))
+
+        logger.info("creating model %s/%s", config.MODEL.TYPE, config.MODEL.NAME)
+        self.model_without_ddp = build_checked_model(config, self.device)
+        n_parameters = sum(p.numel() for p in self.model_without_ddp.parameters() if p.requires_grad)
+        logger.info("number of trainable parameters: %d", n_parameters)
+        # The training forward goes through torch.compile and DDP; checkpoints, evaluation and
+        # the optimizer see the bare model (plain parameter names).
+        self.model: nn.Module = self.model_without_ddp
+        if config.TRAIN.COMPILE:
+            self.model = torch.compile(self.model)
+        if self.world_size > 1:
+            device_ids = [self.device.index] if self.device.type == 'cuda' else None
+            self.model = DistributedDataParallel(self.model, device_ids=device_ids, broadcast_buffers=False)
+
+        if not with_data or config.EVAL_MODE:
+            return
+        self.n_iter = len(self.loader_train)
+        try:    # their ValueErrors are one-line config problems (epochs vs warm-up, lower_lr_kvs, ...)
+            self.optimizer = build_optimizer(config, self.model_without_ddp)
+            self.lr_scheduler = build_scheduler(config, self.optimizer,
+                                                self.n_iter // config.TRAIN.ACCUMULATION_STEPS)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.loss_scaler = OptimizerStep(
+            self.optimizer, fp16_scaler=self.amp and self.amp_dtype == torch.float16 and self.device.type == 'cuda',
+            device=self.device, clip_grad=config.TRAIN.CLIP_GRAD)
+        self.stats = StepStats(self.device, grad_scaler=self.loss_scaler.scaler.is_enabled())
+        self.criterion = build_criterion(config, self.mixup_fn)
+        if config.TRAIN.EMA.ENABLE:
+            self.ema = ModelEmaV2(self.model_without_ddp, decay=config.TRAIN.EMA.DECAY)
+        self.manager = CheckpointManager(config.OUTPUT, keep_last=config.TRAIN.KEEP_CHECKPOINTS,
+                                         logger=logger)
+        self.progress = Progress(config, self.rank, self.world_size, self.device, logger)
+
+    def start_ema(self) -> None:
+        """Start the EMA from the weights in use (pretrained or resumed), unless it was resumed too."""
+        if self.ema is not None and not self.ema_restored:
+            self.ema.set(self.model_without_ddp)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_state(self) -> dict:
+        """Everything needed to continue bit-for-bit; only tensors and plain values (weights_only).
+
+        CheckpointManager.save adds the progress: 'epoch' and 'iteration' (batches done in that
+        epoch, or None once the epoch is finished and validated)."""
+        state = {
+            'model': self.model_without_ddp.state_dict(),
+            'optimizer': self.optimizer.state_dict(),
+            'lr_scheduler': self.lr_scheduler.state_dict(),
+            'scaler': self.loss_scaler.state_dict(),
+            'max_accuracy': float(self.max_accuracy),
+            'config': self.config.dump(),
+            'rng': get_rng_state(),
+        }
+        if self.world_size > 1:
+            ranks: List[Any] = [None] * self.world_size
+            dist.all_gather_object(ranks, state['rng'])
+            state['rng_ranks'] = ranks
+        if self.ema is not None:
+            state['ema'] = self.ema.module.state_dict()
+        return state
+
+    def save(self, epoch: int, iteration: Optional[int] = None, is_best: bool = False) -> None:
+        """Checkpoint ``iteration`` batches into ``epoch`` (None: the finished, validated epoch).
+
+        Collective: every rank calls it (RNG states are gathered); rank 0 writes the file."""
+        state = self._checkpoint_state()
+        if self.rank == 0:
+            self.last_checkpoint = self.manager.save(state, epoch, iteration=iteration, is_best=is_best)
+        if self.world_size > 1:
+            dist.barrier()
+
+    def _resume_file(self) -> Optional[str]:
+        """The checkpoint to resume from, as rank 0 sees it: every rank must load the same file."""
+        path = self._find_resume_file() if self.rank == 0 else None
+        if self.world_size > 1:
+            shared = [path]
+            dist.broadcast_object_list(shared, src=0)
+            path = shared[0]
+            if path and not os.path.isfile(path):
+                raise CheckpointError(f"rank {self.rank} cannot see {path}, which rank 0 resumes from: put "
+                                      f"OUTPUT (and MODEL.RESUME) on a file system shared by all nodes")
+        return path
+
+    def _find_resume_file(self) -> Optional[str]:
+        config = self.config
+        if config.TRAIN.AUTO_RESUME:
+            latest = self.manager.latest()
+            if latest:
+                if config.MODEL.RESUME and os.path.abspath(config.MODEL.RESUME) != os.path.abspath(latest):
+                    self.logger.warning("auto-resume: continuing from %s instead of MODEL.RESUME %s",
+                                        latest, config.MODEL.RESUME)
+                return latest
+        return config.MODEL.RESUME or None
+
+    def _restore_schedule(self, saved: Optional[dict]) -> None:
+        """Restore the checkpoint's LR schedule when the config describes the same one; when the
+        config changed it (e.g. a lower TRAIN.BASE_LR after a divergence), keep the config's."""
+        current = self.lr_scheduler.state_dict()
+        self._schedule_restored = saved is None or saved == current
+        if saved is not None and self._schedule_restored:
+            self.lr_scheduler.load_state_dict(saved)
+        elif saved is not None:
+            changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+            self.logger.warning("the config's learning-rate schedule differs from the checkpoint's (%s): "
+                                "continuing with the config's", ', '.join(changed))
+
+    def resume(self) -> bool:
+        """Restore the newest checkpoint (or MODEL.RESUME); returns whether anything was loaded."""
+        path = self._resume_file()
+        if not path:
+            return False
+        self.logger.info("resuming from %s", path)
+        ckpt = load_checkpoint_file(path)
+        load_model_state(self.model_without_ddp, unwrap_state_dict(ckpt), strict=True)
+        if not isinstance(ckpt, dict) or 'optimizer' not in ckpt:
+            self.logger.info("%s holds model weights only: starting from epoch %d", path, self.start_epoch)
+            return True
+        self.optimizer.load_state_dict(ckpt['optimizer'])
+        self._restore_schedule(ckpt.get('lr_scheduler'))
+        if 'scaler' in ckpt:
+            self.loss_scaler.load_state_dict(ckpt['scaler'])
+        self.max_accuracy = float(ckpt.get('max_accuracy', 0.0))
+        self.start_epoch, self.start_iter = _progress_to_resume(ckpt)
+        if self.start_iter > self.n_iter:
+            self.logger.warning("the checkpoint is %d iterations into an epoch of more iterations than this "
+                                "run's %d (batch size or process count changed): starting epoch %d afresh",
+                                self.start_iter, self.n_iter, self.start_epoch + 1)
+            self.start_epoch, self.start_iter = self.start_epoch + 1, 0
+        if self.ema is not None and 'ema' in ckpt:
+            load_model_state(self.ema.module, ckpt['ema'], strict=True)
+            self.ema_restored = True
+        rng = ckpt.get('rng')
+        ranks = ckpt.get('rng_ranks')
+        if ranks is not None and len(ranks) == self.world_size:
+            rng = ranks[self.rank]
+        elif rng is not None and self.world_size > 1:
+            self.logger.warning("checkpoint saved with another world size: ranks share rank 0's RNG state")
+        self.pending_rng = rng
+        if not self._schedule_restored and (self.start_epoch or self.start_iter):
+            # The config's new schedule takes effect from the first resumed step.
+            done = self.start_epoch * self.n_iter + self.start_iter
+            self.lr_scheduler.step_update(max(done - 1, 0) // self.config.TRAIN.ACCUMULATION_STEPS)
+        self.logger.info("resumed: epoch %d, iteration %d, max accuracy %.2f%%",
+                         self.start_epoch, self.start_iter, self.max_accuracy)
+        return True
+
+
+    # ------------------------------------------------------------------ training
+    def autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp)
+
+    def _placeholder(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One blank image for a rank without images: its forward and backward keep DDP's collectives
+        paired with the other ranks, and the window is dropped everywhere."""
+        size = self.config.DATA.IMG_SIZE
+        images = torch.zeros(1, 3, size, size, device=self.device)
+        if self.mixup_fn is not None:       # the criterion takes soft targets
+            return images, torch.zeros(1, self.config.MODEL.NUM_CLASSES, device=self.device)
+        return images, torch.zeros(1, dtype=torch.long, device=self.device)
+
+    def train_one_epoch(self, epoch: int, start_batch: int) -> bool:
+        """Train one epoch from batch ``start_batch``; returns True when stopped by a signal."""
+        config, model, stats = self.config, self.model, self.stats
+        accum = config.TRAIN.ACCUMULATION_STEPS
+        num_steps = self.n_iter
+        print_freq = max(config.PRINT_FREQ, 1)
+        model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        stats.new_epoch()
+        self.progress.new_epoch()
+        batch_time = AverageMeter()
+        n_skipped_images = 0
+        no, yes = torch.zeros((), device=self.device), torch.ones((), device=self.device)
+        window_dropped = no > 0
+
+        loader_iter = iter(self.loader_train)
+        if self.pending_rng is not None:
+            # A mid-epoch checkpoint was taken with this epoch's loader already started: restore
+            # the RNGs only now, so that starting the loader here does not shift them.
+            set_rng_state(self.pending_rng)
+            self.pending_rng = None
+        end = time.time()
+        for idx, (images, targets, n_skipped) in enumerate(loader_iter, start=start_batch):
+            n_skipped_images += int(n_skipped)
+            boundary = (idx + 1) % accum == 0 or idx + 1 == num_steps
+            images = images.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            if self.mixup_fn is not None and images.shape[0] > 0:
+                images, targets = self.mixup_fn(images, targets)   # may drop one sample of an odd batch
+            empty = images.shape[0] == 0
+            if empty:
+                images, targets = self._placeholder()
+            # Some rank without images drops the window on every rank (a device flag, no host sync).
+            window_dropped = window_dropped | (all_reduce(yes if empty else no, op='max') > 0)
+            sync = boundary or not isinstance(model, DistributedDataParallel)
+            with (nullcontext() if sync else model.no_sync()):
+                with self.autocast():
+                    outputs = model(images)
+                loss = self.criterion(outputs.float(), targets)
+                # NaN makes every gradient non-finite on every rank (DDP averages them), so the
+                # step is skipped alike everywhere; a finite loss is multiplied by exactly 1.
+                keep = torch.where(window_dropped | ~torch.isfinite(loss.detach()), float('nan'), 1.0)
+                self.loss_scaler.backward(loss * keep / accum)
+            if not boundary:
+                continue
+
+            # ---- end of an accumulation window
+            grad_norm, skipped = self.loss_scaler.step(model.parameters())
+            self.optimizer.zero_grad(set_to_none=True)
+            self.lr_scheduler.step_update((epoch * num_steps + idx) // accum)
+            stats.update(idx, loss, targets.size(0), grad_norm, skipped, window_dropped)
+            if self.ema is not None:
+                ema_update(self.ema.module, self.model_without_ddp, self.ema.decay, ~skipped)
+            window_dropped = no > 0
+            batch_time.update(time.time() - end)
+            end = time.time()
+
+            done = idx + 1
+            freq = config.TRAIN.SAVE_ITER_FREQ
+            save_now = freq > 0 and done % freq == 0 and done < num_steps
+            if not (idx % print_freq == 0 or done == num_steps or save_now
+                    or (self.world_size == 1 and self.stop.requested)):
+                continue
+            values = stats.read()
+            # Ranks decide alike: a rank's signal stops all; the streak can differ by rank only
+            # when fp16 overflow hides another rank's non-finite loss.
+            stop_signum, streak = agree([self.stop.signum or 0, values['max_streak']], self.device)
+            self.progress.skipped(epoch, values)
+            if streak >= max(config.TRAIN.MAX_NONFINITE_STEPS, 1):
+                self._diverged(epoch, idx, int(streak))
+            self.progress.step(epoch, idx, num_steps, values, batch_time, targets.size(0), self.optimizer,
+                               self.loss_scaler.loss_scale())
+            if stop_signum:
+                self.stop_signum = int(stop_signum)
+                self._preempted(epoch, done)
+                return True
+            if save_now:
+                self.save(epoch, done)
+
+        values = stats.read()
+        skipped_steps = values['dropped'] + values['skipped_loss'] + values['skipped_grad'] + values['overflow']
+        self.epoch_summary = {'train_loss': values['loss_sum'] / max(values['images'], 1.0),
+                              'skipped_images': n_skipped_images, 'skipped_steps': int(skipped_steps),
+                              'epoch_time': batch_time.sum}
+        self.logger.info("epoch %d done in %s: train loss %.4f, %d corrupt images skipped, %d optimizer "
+                         "steps skipped", epoch, datetime.timedelta(seconds=int(batch_time.sum)),
+                         self.epoch_summary['train_loss'], n_skipped_images, self.epoch_summary['skipped_steps'])
+        return False
+
+    def _diverged(self, epoch: int, idx: int, streak: int) -> None:
+        """Stop without saving: the state in memory is not trusted, the files on disk are."""
+        kept = self.last_checkpoint or self.manager.latest()
+        raise TrainingDiverged(
+            f"the loss was non-finite for {streak} optimizer steps in a row (epoch {epoch}, "
+            f"iteration {idx}, TRAIN.MAX_NONFINITE_STEPS {self.config.TRAIN.MAX_NONFINITE_STEPS}); stopped "
+            f"without saving. " + (f"Last good checkpoint: {kept}. " if kept else 'No checkpoint was saved. ')
+            + "Lower TRAIN.BASE_LR, lengthen TRAIN.WARMUP_EPOCHS or train without --amp, then run again")
+
+    def _preempted(self, epoch: int, done: int) -> None:
+        self.logger.info("stop requested (%s): saving epoch %d iteration %d", self.stop.name, epoch, done)
+        self.save(epoch, done)
+        job = os.environ.get('SLURM_JOB_ID')
+        if job:
+            self.logger.info("state saved; SLURM job %s can be requeued (scontrol requeue %s) and will "
+                             "resume from it", job, job)
+        else:
+            self.logger.info("state saved; run the same command again to resume")
+
+    # ------------------------------------------------------------------ evaluation
+    def validate(self, model: Optional[nn.Module] = None) -> dict:
+        return validate(model if model is not None else self.model_without_ddp, self.loader_val, self.device,
+                        self.autocast, self.logger, max(self.config.PRINT_FREQ, 1))
+
+    def evaluate(self) -> int:
+        """``--eval``: load MODEL.RESUME (ours or an official ``{'model': ...}`` file), validate."""
+        config = self.config
+        path = config.MODEL.RESUME
+        if not path:
+            path = CheckpointManager(config.OUTPUT, logger=self.logger).latest()
+        if not path:
+            raise CheckpointError("--eval needs weights: pass --resume CHECKPOINT (ours or an official "
+                                  "release file)")
+        self.logger.info("evaluating %s", path)
+        ckpt = load_checkpoint_file(path)
+        load_model_state(self.model_without_ddp, unwrap_state_dict(ckpt), strict=True)
+        result = self.validate()
+        self.logger.info(f"Accuracy of the network on the {result['count']} test images: "
+                         f"{result['acc1']:.2f}%")
+        return 0
