@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Optional
 
 from termcolor import colored
 
@@ -30,14 +31,14 @@ class _ColorFormatter(logging.Formatter):
         return f"{prefix} {where}: {level} {message}"
 
 
-def create_logger(output_dir: str, dist_rank: int = 0, name: str = '') -> logging.Logger:
+def create_logger(output_dir: Optional[str], dist_rank: int = 0, name: str = '') -> logging.Logger:
     """Return the logger ``name`` writing to ``<output_dir>/log_rank{dist_rank}.txt`` (appended, so a
-    resumed run continues its file) and, on rank 0 only, to stdout in colour.
+    resumed run continues its file; no file when ``output_dir`` is None) and, on rank 0 only, to
+    stdout in colour.
 
     Calling it again in the same process (e.g. with another ``output_dir``) replaces the handlers
     it attached before rather than adding more.
     """
-    os.makedirs(output_dir, exist_ok=True)
     logger = logging.getLogger(name)
     logger.setLevel(logging.INFO)
     if name:
@@ -53,8 +54,10 @@ def create_logger(output_dir: str, dist_rank: int = 0, name: str = '') -> loggin
         setattr(console, _OWNED, True)
         logger.addHandler(console)
 
-    log_file = logging.FileHandler(os.path.join(output_dir, f'log_rank{dist_rank}.txt'), mode='a')
-    log_file.setFormatter(logging.Formatter(_FILE_FORMAT, datefmt=_DATE_FORMAT))
-    setattr(log_file, _OWNED, True)
-    logger.addHandler(log_file)
+    if output_dir is not None:
+        os.makedirs(output_dir, exist_ok=True)
+        log_file = logging.FileHandler(os.path.join(output_dir, f'log_rank{dist_rank}.txt'), mode='a')
+        log_file.setFormatter(logging.Formatter(_FILE_FORMAT, datefmt=_DATE_FORMAT))
+        setattr(log_file, _OWNED, True)
+        logger.addHandler(log_file)
     return logger

@@ -1,9 +1,12 @@
 """Checkpoint files: atomic writes, pruning, resume discovery, safe loading, pretrained resizing, RNG."""
 import argparse
+import contextlib
 import errno
 import logging
 import os
 import random
+import resource
+import signal
 import subprocess
 import sys
 
@@ -17,8 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from config import load_config  # noqa: E402
-from utils import (CheckpointError, CheckpointManager, atomic_save, find_resume, get_rng_state,  # noqa: E402
-                   load_checkpoint_file, load_model_state, load_pretrained, set_rng_state, unwrap_state_dict)
+from checkpoint import (CheckpointError, CheckpointManager, atomic_save, find_resume,  # noqa: E402
+                        load_checkpoint_file, load_model_state, unwrap_state_dict)
+from utils import get_rng_state, load_pretrained, set_rng_state  # noqa: E402
 
 FIXTURES = os.path.join(ROOT, '..', 'shared', 'fixtures', 'dat_official')
 LOG = logging.getLogger('test_checkpoint')
@@ -41,24 +45,51 @@ def test_atomic_save_round_trips_with_weights_only(tmp_path):
     assert {k: v for k, v in loaded.items() if k != 'model'} == {k: v for k, v in state.items() if k != 'model'}
 
 
-def test_disk_full_mid_write_keeps_previous_file_and_no_temp(tmp_path, monkeypatch):
+@contextlib.contextmanager
+def _file_size_limit(limit):
+    """A real kernel limit on file size: writes past ``limit`` bytes fail with EFBIG, as the writes
+    of a full disk fail with ENOSPC (SIGXFSZ ignored, as a process that handles it would)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_write_failing_inside_torch_save_is_one_line_and_keeps_previous_file(tmp_path):
+    # torch.save turns the failed write into "RuntimeError: [enforce fail at inline_container.cc]
+    # unexpected pos": the OSError behind it must still be the one reported.
     path = str(tmp_path / 'ckpt_epoch_1.pth')
     atomic_save({'epoch': 1, 'w': torch.ones(3)}, path)
     before = open(path, 'rb').read()
-
-    def full_disk(obj, f):
-        f.write(b'\0' * 4096)                   # part of the data reached the disk ...
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))   # ... then the disk filled up
-    monkeypatch.setattr(torch, 'save', full_disk)
-    with pytest.raises(CheckpointError) as info:
-        atomic_save({'epoch': 2, 'w': torch.zeros(3)}, path)
+    with _file_size_limit(64 << 10):
+        with pytest.raises(CheckpointError) as info:
+            atomic_save({'epoch': 2, 'w': torch.zeros(1 << 16)}, path)
     message = _one_line(info.value)
-    assert path in message and os.strerror(errno.ENOSPC) in message
-    assert 'previous checkpoint kept' in message and 'free disk space' in message
-    monkeypatch.undo()
+    assert path in message and os.strerror(errno.EFBIG) in message, message
+    assert 'earlier checkpoints kept' in message and 'ulimit -f' in message
+    assert 'inline_container' not in message
     assert os.listdir(tmp_path) == ['ckpt_epoch_1.pth']
     assert open(path, 'rb').read() == before
-    assert load_checkpoint_file(path)['epoch'] == 1
+
+
+@pytest.mark.parametrize('failure', [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+                                     RuntimeError('zip writer: something else went wrong')])
+def test_any_write_failure_is_one_line_and_removes_temp(tmp_path, monkeypatch, failure):
+    path = str(tmp_path / 'ckpt_epoch_1.pth')
+
+    def failing(obj, f):
+        f.write(b'\0' * 4096)
+        raise failure
+    monkeypatch.setattr(torch, 'save', failing)
+    with pytest.raises(CheckpointError) as info:
+        atomic_save({'epoch': 2}, path)
+    message = _one_line(info.value)
+    assert message.startswith(f'could not write checkpoint {path}: ') and 'earlier checkpoints kept' in message
+    assert os.listdir(tmp_path) == []
 
 
 def test_interrupted_write_removes_temp_file(tmp_path, monkeypatch):

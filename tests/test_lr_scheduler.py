@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import load_config  # noqa: E402
 from lr_scheduler import build_scheduler  # noqa: E402
 from optimizer import build_optimizer  # noqa: E402
-from utils import atomic_save, load_checkpoint_file  # noqa: E402
+from checkpoint import atomic_save, load_checkpoint_file  # noqa: E402
 
 BASE, WARM, MIN = 1e-3, 1e-6, 1e-5
 N_ITER, EPOCHS, WARMUP = 5, 10, 2          # 50 updates, the first 10 warming up

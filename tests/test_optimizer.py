@@ -11,7 +11,7 @@ sys.path.insert(0, ROOT)
 
 from config import load_config  # noqa: E402
 from optimizer import build_optimizer, parameter_groups  # noqa: E402
-from utils import atomic_save, load_checkpoint_file  # noqa: E402
+from checkpoint import atomic_save, load_checkpoint_file  # noqa: E402
 
 FIXTURES = os.path.join(ROOT, '..', 'shared', 'fixtures', 'dat_official')
 

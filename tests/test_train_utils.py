@@ -12,9 +12,9 @@ import torch.nn as nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from checkpoint import atomic_save, load_checkpoint_file  # noqa: E402
 from logger import create_logger  # noqa: E402
-from utils import (AverageMeter, NativeScalerWithGradNormCount, atomic_save, get_grad_norm,  # noqa: E402
-                   init_distributed, is_dist, load_checkpoint_file)
+from utils import AverageMeter, NativeScalerWithGradNormCount, get_grad_norm, init_distributed, is_dist  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- logger

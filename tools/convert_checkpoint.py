@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils import CheckpointError, atomic_save, strip_prefixes, unwrap_state_dict  # noqa: E402
+from checkpoint import CheckpointError, atomic_save, strip_prefixes, unwrap_state_dict  # noqa: E402
 
 
 def convert(src: str, dst: str) -> int:

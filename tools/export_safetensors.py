@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils import CheckpointError, load_checkpoint_file, strip_prefixes, unwrap_state_dict  # noqa: E402
+from checkpoint import CheckpointError, load_checkpoint_file, strip_prefixes, unwrap_state_dict  # noqa: E402
 
 
 def extract_weights(ckpt: dict, ema: bool = False, source: str = 'checkpoint') -> Dict[str, torch.Tensor]:
