@@ -531,6 +531,8 @@ def arithmetic_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> Li
 
 
 def _opts_value(value: Any) -> str:
+    if isinstance(value, str):
+        return value
     text = repr(_plain(value)).replace(' ', '')
     return f'"{text}"' if any(c in text for c in '[]\'"') else text
 

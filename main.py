@@ -403,8 +403,9 @@ class Trainer:
             return False
         self.logger.info("resuming from %s", path)
         ckpt = load_checkpoint_file(path)
-        check_model_config(ckpt, self.config, f"checkpoint {path}")
+        # Names and shapes first (they say most about another architecture), then the arithmetic.
         load_model_state(self.model_without_ddp, unwrap_state_dict(ckpt), strict=True, source=f"checkpoint {path}")
+        check_model_config(ckpt, self.config, f"checkpoint {path}")
         if not isinstance(ckpt, dict) or 'optimizer' not in ckpt:
             self.logger.info("%s holds model weights only: starting from epoch %d", path, self.start_epoch)
             return True
@@ -726,8 +727,8 @@ class Trainer:
                                   "release file)")
         self.logger.info("evaluating %s", path)
         ckpt = load_checkpoint_file(path)
-        check_model_config(ckpt, config, f"checkpoint {path}")
         load_model_state(self.model_without_ddp, unwrap_state_dict(ckpt), strict=True, source=f"checkpoint {path}")
+        check_model_config(ckpt, config, f"checkpoint {path}")
         result = self.validate()
         self.logger.info(f"Accuracy of the network on the {result['count']} test images: "
                          f"{result['acc1']:.2f}%")

@@ -135,10 +135,8 @@ def load_pretrained(config, model: nn.Module, logger: logging.Logger, path: Opti
     logger.info(f"loading pretrained weights from {path}")
     model = unwrap_model(model)
     ckpt = load_checkpoint_file(path)
-    check_model_config(ckpt, config, f"pretrained checkpoint {path}")
     sd = {strip_prefixes(k): v for k, v in unwrap_state_dict(ckpt).items()}
     own = model.state_dict()
-    check_tensors(sd, own, f"pretrained checkpoint {path}")
     params = dict(model.named_parameters())
 
     kept_buffers = [k for k in own if k.rsplit('.', 1)[-1] in _RESOLUTION_BUFFERS]
@@ -166,6 +164,8 @@ def load_pretrained(config, model: nn.Module, logger: logging.Logger, path: Opti
         raise CheckpointError(_mismatch_message(
             f"pretrained checkpoint {path} does not fit the model (different architecture or config)",
             missing, [], shapes, "use a checkpoint of the same model or fix MODEL.DAT in the config"))
+    check_tensors(sd, own, f"pretrained checkpoint {path}")
+    check_model_config(ckpt, config, f"pretrained checkpoint {path}")
     result = model.load_state_dict(sd, strict=False)
     if result.missing_keys:
         logger.info(f"kept the model's own values for {len(result.missing_keys)} tensors: "

@@ -248,15 +248,26 @@ def test_latest_of_empty_or_missing_dir_is_none(tmp_path):
     assert find_resume(str(tmp_path / 'not_there')) is None
 
 
-def test_manager_removes_stale_temp_files_of_killed_writes(tmp_path):
-    stale = tmp_path / '.ckpt_epoch_3.pth.1234.abcd.tmp'
-    stale.write_bytes(b'partial')
+def _dead_pid():
+    proc = subprocess.Popen([sys.executable, '-c', ''])
+    proc.wait()
+    return proc.pid
+
+
+def test_manager_removes_only_temp_files_of_dead_or_own_writers(tmp_path):
+    from checkpoint import _HOST
+    dead = tmp_path / f'.ckpt_epoch_3.pth.{_HOST}.{_dead_pid()}.abcd.tmp'
+    old_style = tmp_path / f'.ckpt_epoch_2.pth.{_dead_pid()}.abcd.tmp'       # written before the host part
+    own = tmp_path / f'.best.pth.{_HOST}.{os.getpid()}.12ef.tmp'
+    live = tmp_path / f'.ckpt_epoch_3.pth.{_HOST}.{os.getppid()}.abcd.tmp'   # a writer that still runs
+    elsewhere = tmp_path / f'.ckpt_epoch_3.pth.otherhost.{_dead_pid()}.abcd.tmp'   # cannot be checked
     other = tmp_path / 'notes.tmp'
-    other.write_bytes(b'keep me')
+    for p in (dead, old_style, own, live, elsewhere, other):
+        p.write_bytes(b'partial')
     manager = CheckpointManager(str(tmp_path), logger=LOG)
-    assert manager.latest() is None and stale.exists()        # looking never deletes
+    assert manager.latest() is None and dead.exists()        # looking never deletes
     manager.save(_state(0), epoch=0)
-    assert _names(tmp_path) == ['ckpt_epoch_0.pth', 'notes.tmp']
+    assert _names(tmp_path) == sorted([live.name, elsewhere.name, 'ckpt_epoch_0.pth', 'notes.tmp'])
 
 
 # ----------------------------------------------------------------------------- load_model_state
@@ -464,3 +475,177 @@ def test_yacs_config_does_not_open_the_door_to_other_objects(tmp_path):
     torch.save({'model': {'w': torch.ones(1)}, 'config': load_config(), 'payload': _RunsCode()}, path)
     with pytest.raises(CheckpointError, match='refused'):
         load_checkpoint_file(str(path))
+
+
+# ----------------------------------------------------------------------------- unreadable vs corrupt
+def test_unreadable_newest_checkpoint_stops_the_search_and_deletes_nothing(tmp_path):
+    from checkpoint import CheckpointUnreadable
+    manager = CheckpointManager(str(tmp_path), keep_last=3, logger=LOG)
+    for epoch in range(2):
+        manager.save(_state(epoch), epoch=epoch)
+    (tmp_path / 'ckpt_epoch_2.pth').mkdir()                  # open() fails with EISDIR: not damage
+    with pytest.raises(CheckpointUnreadable) as info:
+        manager.latest()
+    message = _one_line(info.value)
+    assert str(tmp_path / 'ckpt_epoch_2.pth') in message and 'nothing was deleted' in message
+    assert _names(tmp_path) == ['ckpt_epoch_0.pth', 'ckpt_epoch_1.pth', 'ckpt_epoch_2.pth']
+
+
+def test_fifo_is_unreadable_without_blocking(tmp_path):
+    from checkpoint import CheckpointUnreadable
+    fifo = tmp_path / 'ckpt_epoch_0.pth'
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointUnreadable, match='not a regular file'):
+        load_checkpoint_file(str(fifo))
+
+
+def test_saving_behind_a_corrupt_newer_file_keeps_it(tmp_path):
+    manager = CheckpointManager(str(tmp_path), keep_last=5, logger=LOG)
+    for epoch in range(3):
+        manager.save(_state(epoch), epoch=epoch)
+    _truncate(str(tmp_path / 'ckpt_epoch_2.pth'))
+    assert manager.latest() == str(tmp_path / 'ckpt_epoch_1.pth')
+    manager.save(_state(1.5), epoch=2, iteration=4)             # the resumed run goes on from epoch 1
+    assert 'ckpt_epoch_2.pth' in _names(tmp_path)
+
+
+# ----------------------------------------------------------------------------- run lock
+def test_run_lock_names_the_holder_and_frees_when_released(tmp_path):
+    from checkpoint import LOCK_NAME, OutputFolderError, RunLock
+    first = RunLock(str(tmp_path)).acquire()
+    with pytest.raises(OutputFolderError) as info:
+        RunLock(str(tmp_path)).acquire()
+    message = _one_line(info.value)
+    assert f'pid {os.getpid()} on host' in message and 'in use by another run' in message and '--tag' in message
+    first.release()
+    RunLock(str(tmp_path)).acquire().release()
+    assert (tmp_path / LOCK_NAME).exists()
+
+
+def test_run_lock_of_a_killed_process_does_not_block(tmp_path):
+    from checkpoint import RunLock
+    holder = subprocess.Popen([sys.executable, '-c', (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(tmp_path / '.run.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, b'{\"pid\": %d, \"host\": \"h\", \"started\": \"then\"}' % os.getpid())\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        with pytest.raises(CheckpointError, match=f'pid {holder.pid} on host h'):
+            RunLock(str(tmp_path)).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    RunLock(str(tmp_path)).acquire().release()      # the kernel dropped the dead holder's lock
+
+
+# ----------------------------------------------------------------------------- tensors and model config
+def test_non_float_and_non_finite_tensors_are_refused():
+    good = Small().state_dict()
+    for bad, words in [({**good, 'fc.weight': good['fc.weight'].long()}, 'torch.int64 (model torch.float32)'),
+                       ({**good, 'fc.weight': good['fc.weight'].to(torch.complex64)}, 'complex64'),
+                       ({**good, 'fc.bias': torch.tensor([0., float('nan'), 1.])}, 'NaN or inf values in 1 tensors: fc.bias'),
+                       ({**good, 'fc.bias': torch.tensor([0., float('inf'), 1.])}, 'NaN or inf')]:
+        target = Small()
+        before = {k: v.clone() for k, v in target.state_dict().items()}
+        with pytest.raises(CheckpointError) as info:
+            load_model_state(target, bad, source='checkpoint x.pth')
+        message = _one_line(info.value)
+        assert words in message and message.startswith('checkpoint x.pth has')
+        assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())   # nothing loaded
+    load_model_state(Small(), {k: v.half() for k, v in good.items()})    # another float precision is fine
+
+
+def _cfg(*opts):
+    return load_config(opts=list(opts))
+
+
+def test_model_config_mismatch_in_arithmetic_is_refused():
+    from checkpoint import check_model_config, model_config
+    saved = {'model_config': model_config(_cfg('MODEL.DAT.deform_arith', 'v1'))}
+    with pytest.raises(CheckpointError) as info:
+        check_model_config(saved, _cfg(), 'checkpoint a.pth')
+    message = _one_line(info.value)
+    assert "MODEL.DAT.deform_arith 'v1' in the checkpoint, 'pp' here" in message
+    assert '--opts MODEL.DAT.deform_arith v1' in message
+    spec = {'model_config': model_config(_cfg('MODEL.DAT.stage_spec', "[['L','S'],['L','D'],['L','D','L','D','L','D'],['L','D']]"))}
+    with pytest.raises(CheckpointError, match='MODEL.DAT.stage_spec'):
+        check_model_config(spec, _cfg(), 'checkpoint a.pth')
+    # regularisation, the class count and the input size do not change the arithmetic
+    check_model_config({'model_config': model_config(_cfg('MODEL.DAT.drop_path_rate', '0.3', 'MODEL.DAT.img_size', '384',
+                                                           'MODEL.DAT.num_classes', '10', 'MODEL.DROP_PATH_RATE', '0.5'))},
+                       _cfg(), 'x')
+    check_model_config({'model': {}}, _cfg(), 'x')           # a release file without a config: nothing to compare
+
+
+def test_model_config_is_read_from_yaml_dump_and_official_pickled_config():
+    from checkpoint import PickledConfig, check_model_config
+    v1 = _cfg('MODEL.DAT.deform_arith', 'v1')
+    with pytest.raises(CheckpointError, match='deform_arith'):
+        check_model_config({'config': v1.dump()}, _cfg(), 'x')
+    official = PickledConfig(MODEL=PickledConfig(TYPE='dat', DAT=PickledConfig(ksizes=(9, 7, 5, 3), nat_ksizes=[7] * 4)))
+    with pytest.raises(CheckpointError, match=r"MODEL.DAT.nat_ksizes \[7, 7, 7, 7\] in the checkpoint, \[3, 3, 3, 3\] here"):
+        check_model_config({'config': official}, _cfg(), 'x')
+    official['MODEL']['DAT']['nat_ksizes'] = [3] * 4           # keys it lacks (deform_arith) are not compared
+    check_model_config({'config': official}, _cfg(), 'x')
+
+
+def test_another_optimizer_is_refused_with_the_pretrained_hint():
+    from checkpoint import check_optimizer
+    params = [nn.Parameter(torch.ones(2))]
+    adamw = torch.optim.AdamW(params)
+    saved = {'optimizer': adamw.state_dict(), 'optimizer_name': 'AdamW'}
+    check_optimizer(saved, torch.optim.AdamW(params), 'a.pth')
+    with pytest.raises(CheckpointError) as info:
+        check_optimizer(saved, torch.optim.SGD(params, lr=0.1), 'a.pth')
+    message = _one_line(info.value)
+    assert 'optimizer AdamW, this run uses SGD' in message and '--pretrained a.pth' in message
+    with pytest.raises(CheckpointError, match='--pretrained'):          # files without the name: settings differ
+        check_optimizer({'optimizer': adamw.state_dict()}, torch.optim.SGD(params, lr=0.1), 'a.pth')
+
+
+# ----------------------------------------------------------------------------- resume position
+def _consumed(n, epoch, batches, batch_size, world):
+    """Indices of the first ``batches`` batches of every rank, from the training sampler itself."""
+    from data.samplers import ResumableDistributedSampler
+    out = []
+    for rank in range(world):
+        sampler = ResumableDistributedSampler(range(n), num_replicas=world, rank=rank, seed=7, batch_size=batch_size)
+        sampler.set_epoch(epoch)
+        out += sampler.epoch_indices()[:batches * batch_size]
+    return sorted(out)
+
+
+@pytest.mark.parametrize('old, new, repeated', [((2, 1), (4, 1), 0), ((2, 2), (4, 1), 0), ((4, 1), (2, 2), 0),
+                                                ((2, 1), (3, 1), 2), ((3, 2), (5, 1), 4)])
+def test_resume_keeps_the_position_in_images_across_batch_and_world_size(old, new, repeated):
+    from checkpoint import resume_position
+    (b, w), (nb, nw) = old, new
+    n, done = 96, 4
+    ckpt = {'epoch': 1, 'iteration': done, 'samples_seen': done * b * w}
+    epoch, batch, again = resume_position(ckpt, iters_per_epoch=n // (nb * nw), global_batch=nb * nw)
+    assert (epoch, again) == (1, repeated)
+    seen, resumed = _consumed(n, 1, done, b, w), _consumed(n, 1, batch, nb, nw)
+    assert set(resumed) <= set(seen) and len(seen) - len(resumed) == repeated      # nothing skipped
+
+
+def test_resume_position_of_epoch_ends_and_official_files():
+    from checkpoint import resume_position
+    assert resume_position({'epoch': 3, 'iteration': None}, 10, 8) == (4, 0, 0)
+    assert resume_position({'epoch': 299}, 10, 8) == (300, 0, 0)
+    assert resume_position({'epoch': 3, 'iteration': 12, 'samples_seen': 96}, 10, 8) == (3, 10, 0)   # past the end
+
+
+# ----------------------------------------------------------------------------- output folder
+def test_output_folder_problems_are_one_line(tmp_path):
+    from checkpoint import OutputFolderError, prepare_output_dir
+    a_file = tmp_path / 'file'
+    a_file.write_text('x')
+    for path, words in [(a_file, 'exists and is not a folder'), (a_file / 'sub', 'cannot create output folder'),
+                        ('/proc/dat_output/run', 'cannot create output folder')]:
+        with pytest.raises(OutputFolderError) as info:
+            prepare_output_dir(str(path))
+        assert words in _one_line(info.value)
+    assert prepare_output_dir(str(tmp_path / 'new' / 'run')) and os.listdir(tmp_path / 'new' / 'run') == []
