@@ -168,12 +168,15 @@ def _write_failed(path: str, err: BaseException) -> CheckpointError:
     """One line for any failure of a checkpoint write: OSError, torch's zip-writer RuntimeError, ..."""
     os_err = _os_error_in(err)
     code = os_err.errno if os_err is not None else None
-    directory = os.path.dirname(os.path.abspath(path))
-    if code is None and _disk_is_full(directory):
+    if code is None:        # writers in other languages (safetensors: Rust) name the errno in the text
+        found = re.search(r'os error (\d+)', str(err))
+        code = int(found.group(1)) if found else None
+    if code is None and _disk_is_full(os.path.dirname(os.path.abspath(path))):
         code = errno.ENOSPC
-    reason = (os_err.strerror or str(os_err)) if os_err is not None else _first_line(err)
-    if code is not None and os_err is None:
-        reason = f"{os.strerror(code)} ({reason})"
+    if os_err is not None:
+        reason = os_err.strerror or str(os_err)
+    else:
+        reason = os.strerror(code) if code is not None else _first_line(err)
     if code in (errno.ENOSPC, errno.EDQUOT):
         fix = 'free disk space or point --output to a volume with room'
     elif code == errno.EFBIG:

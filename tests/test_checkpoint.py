@@ -649,3 +649,41 @@ def test_output_folder_problems_are_one_line(tmp_path):
             prepare_output_dir(str(path))
         assert words in _one_line(info.value)
     assert prepare_output_dir(str(tmp_path / 'new' / 'run')) and os.listdir(tmp_path / 'new' / 'run') == []
+
+
+# ----------------------------------------------------------------------------- Trainer.save
+def test_failed_save_closes_tensorboard_quietly_and_reports_the_write_error(tmp_path):
+    """On a full disk TensorBoard's own flush fails too; that second error must not replace the first."""
+    main = pytest.importorskip('main')
+
+    class FullDisk:
+        def save(self, *args, **kwargs):
+            raise CheckpointError('could not write checkpoint x.pth: No space left on device')
+
+    class BrokenWriter:
+        closed = False
+
+        def close(self):
+            BrokenWriter.closed = True
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    trainer = main.Trainer.__new__(main.Trainer)
+    trainer.rank, trainer.world_size, trainer.manager, trainer.tb_writer = 0, 1, FullDisk(), BrokenWriter()
+    trainer.config = load_config(opts=['DATA.BATCH_SIZE', '2'])
+    trainer._checkpoint_state = lambda: {}
+    with pytest.raises(CheckpointError, match='No space left on device'):
+        trainer.save(epoch=1, iteration=3)
+    assert BrokenWriter.closed and trainer.tb_writer is None     # fit's `finally` has nothing left to close
+
+
+def test_export_to_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    pytest.importorskip('safetensors')
+    from tools.export_safetensors import main as export_main
+    ckpt = tmp_path / 'ckpt.pth'
+    atomic_save({'model': {'w': torch.randn(1 << 16)}}, str(ckpt))
+    out = tmp_path / 'out' / 'w.safetensors'
+    with _file_size_limit(64 << 10):
+        assert export_main(['--ckpt', str(ckpt), '--out', str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f'could not write checkpoint {out}: File too large' in err
+    assert os.listdir(tmp_path / 'out') == []

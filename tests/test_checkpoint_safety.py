@@ -157,12 +157,14 @@ def test_read_only_output_folder_refuses_training_and_allows_eval(tmp_path, tiny
         train = _run(tiny_args(tiny_data), tmp_path, prefix=NO_DAC)
         _one_line_error(train, f"output folder {out_dir} is not writable: Permission denied")
         evaluate = _run(['--eval', *tiny_args(tiny_data)], tmp_path, prefix=NO_DAC)
+        throughput = _run(['--throughput', *tiny_args(tiny_data)], tmp_path, prefix=NO_DAC)
     finally:
         out_dir.chmod(0o755)
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     assert f"evaluating {out_dir / 'ckpt_epoch_3.pth'}" in evaluate.stdout
     assert evaluate.accuracies() == tiny_reference.accuracies()[-1:]
     assert 'not writable: logging to the console only' in evaluate.stdout
+    assert throughput.returncode == 0 and 'images/s' in throughput.stdout, throughput.stderr[-3000:]
     assert file_digests(out_dir) == before and sorted(p.name for p in out_dir.iterdir()) == ['ckpt_epoch_3.pth']
 
 

@@ -319,7 +319,7 @@ def test_safetensors_export_ema_and_errors(tmp_path: Path, capsys) -> None:
 
     torch.save({'model': model}, tmp_path / 'no_ema.pth')
     assert export_main(['--ckpt', str(tmp_path / 'no_ema.pth'), '--out', str(tmp_path / 'x.safetensors'),
-                        '--ema']) == 1
+                        '--ema']) == 2
     err = capsys.readouterr().err
     assert "no 'ema' weights" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / 'x.safetensors').exists()
