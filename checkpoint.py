@@ -559,6 +559,10 @@ def check_model_config(ckpt: dict, config, source: str) -> None:
 
 
 # ============================================================================ resume policy
+_VERSION_FLAGS = frozenset({'foreach', 'maximize', 'capturable', 'differentiable', 'fused',
+                            'decoupled_weight_decay', 'initial_lr'})
+
+
 def check_optimizer(ckpt: dict, optimizer: torch.optim.Optimizer, source: str) -> None:
     """Refuse optimizer state saved by another optimizer (type or parameter groups)."""
     saved = ckpt.get('optimizer')
@@ -575,7 +579,11 @@ def check_optimizer(ckpt: dict, optimizer: torch.optim.Optimizer, source: str) -
     if sizes != own_sizes:
         raise CheckpointError(f"{source} has optimizer parameter groups of sizes {sizes}, this run {own_sizes} "
                               f"(another optimizer or weight-decay grouping): {fix}")
-    keys = sorted(set(groups[0]) ^ set(own[0])) if groups and own else []
+    if name is not None:
+        return
+    # Without the name (Swin / official files) the settings tell optimizers apart; flags that
+    # torch versions add or drop do not.
+    keys = sorted((set(groups[0]) ^ set(own[0])) - _VERSION_FLAGS) if groups and own else []
     if keys:
         raise CheckpointError(f"{source} was saved by another optimizer (settings {', '.join(keys)} differ): "
                               f"{fix}")
@@ -621,21 +629,30 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+_HELD_LOCKS: Dict[str, int] = {}     # lock file -> descriptor, for the locks this process holds
+
+
 class RunLock:
     """An exclusive ``flock`` on ``<run folder>/.run.lock``, taken by the process that writes the
     checkpoints. The kernel drops it when that process ends, however it ends, so the lock of a
-    dead process never blocks; the file's text (pid, host, start time) only names the holder."""
+    dead process never blocks; the file's text (pid, host, start time) only names the holder.
+    Acquiring a folder this process already holds is a no-op. On a file system without locking
+    the lock is skipped and ``unsupported`` says why."""
 
     def __init__(self, directory: str):
         self.path = os.path.join(directory, LOCK_NAME)
-        self._fd: Optional[int] = None
+        self.unsupported: Optional[str] = None
+
+    @property
+    def _key(self) -> str:
+        return os.path.realpath(self.path)
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        return self._key in _HELD_LOCKS
 
     def acquire(self) -> 'RunLock':
-        if self._fd is not None:
+        if self.held:
             return self
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -648,8 +665,8 @@ class RunLock:
             holder = self._holder(fd)
             os.close(fd)
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise OutputFolderError(f"cannot lock {self.path}: {e.strerror}; put the output folder on a "
-                                        f"file system with file locking, or choose another --output") from e
+                self.unsupported = e.strerror or str(e)
+                return self
             raise OutputFolderError(
                 f"output folder {os.path.dirname(self.path)} is in use by another run ({holder}); two runs "
                 f"in one folder would overwrite each other's checkpoints: wait for it to end, or give this "
@@ -661,7 +678,7 @@ class RunLock:
             os.pwrite(fd, record.encode(), 0)
         except OSError:
             pass            # the lock holds without its description
-        self._fd = fd
+        _HELD_LOCKS[self._key] = fd
         return self
 
     @staticmethod
@@ -673,9 +690,9 @@ class RunLock:
             return 'holder unknown'
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)        # closing the descriptor drops the flock
-            self._fd = None
+        fd = _HELD_LOCKS.pop(self._key, None)
+        if fd is not None:
+            os.close(fd)              # closing the descriptor drops the flock
 
 
 # ============================================================================ checkpoint files
@@ -711,6 +728,9 @@ class CheckpointManager:
     def lock(self) -> None:
         """Take the run folder's lock (OutputFolderError naming the holder when another run has it)."""
         self._lock.acquire()
+        if self._lock.unsupported:
+            self.logger.warning(f"cannot lock {self._lock.path} ({self._lock.unsupported}): a second run "
+                                f"started into this folder would not be detected")
 
     def unlock(self) -> None:
         self._lock.release()
@@ -878,9 +898,9 @@ def find_resume(output_dir: str, logger: Optional[logging.Logger] = None) -> Opt
 def prepare_output_dir(path: str, need_write: bool = True) -> bool:
     """Create the run's output folder and check that it can be written; returns whether it can.
 
-    Raises OutputFolderError (one line) when it cannot be created, is not a folder, or, with
-    ``need_write``, cannot be written. Evaluation passes ``need_write=False``: it reads
-    checkpoints and can run in a read-only folder (logging to the console only).
+    Raises OutputFolderError (one line) when it is a file, or, with ``need_write``, cannot be
+    created or written. Evaluation passes ``need_write=False``: it only reads checkpoints, so a
+    folder it cannot create or write just means logging to the console only.
     """
     if os.path.exists(path) and not os.path.isdir(path):
         raise OutputFolderError(f"output folder {path} exists and is not a folder; remove it or choose "
@@ -888,10 +908,11 @@ def prepare_output_dir(path: str, need_write: bool = True) -> bool:
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
-        if need_write or not os.path.isdir(path):
-            where = e.filename or path
-            raise OutputFolderError(f"cannot create output folder {path}: {e.strerror} ({where}); choose "
-                                    f"another --output") from None
+        if not need_write:
+            return False
+        where = e.filename or path
+        raise OutputFolderError(f"cannot create output folder {path}: {e.strerror} ({where}); choose "
+                                f"another --output") from None
     probe = os.path.join(path, f'.write_test.{_HOST}.{os.getpid()}')
     try:
         with open(probe, 'wb') as f:

@@ -44,7 +44,7 @@ from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
 from checkpoint import (CheckpointError, CheckpointManager, check_model_config, check_optimizer,
-                        load_checkpoint_file, load_model_state, model_config, prepare_output_dir,
+                        RunLock, load_checkpoint_file, load_model_state, model_config, prepare_output_dir,
                         resume_position, unwrap_state_dict)
 from utils import (AverageMeter, NativeScalerWithGradNormCount, all_reduce_sum, get_rng_state,
                    init_distributed, load_pretrained, set_rng_state)
@@ -772,6 +772,10 @@ def main(config) -> int:
         config = _scale_lr(config.clone(), world_size)
         read_only = config.EVAL_MODE or config.THROUGHPUT_MODE
         writable = prepare_output_dir(config.OUTPUT, need_write=not read_only)
+        if rank == 0 and not read_only:
+            # Before anything is written there (even the log): a second run into this folder
+            # stops here with one line naming the run that holds it.
+            RunLock(config.OUTPUT).acquire()
         # 'dat' is the parent of the library loggers ('dat.data', ...): their warnings, such as
         # skipped unreadable images, land in the same console and log files.
         logger = create_logger(output_dir=config.OUTPUT if writable else None, dist_rank=rank, name='dat')

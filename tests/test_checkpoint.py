@@ -2,6 +2,7 @@
 import argparse
 import contextlib
 import errno
+import json
 import logging
 import os
 import random
@@ -510,16 +511,14 @@ def test_saving_behind_a_corrupt_newer_file_keeps_it(tmp_path):
 
 
 # ----------------------------------------------------------------------------- run lock
-def test_run_lock_names_the_holder_and_frees_when_released(tmp_path):
-    from checkpoint import LOCK_NAME, OutputFolderError, RunLock
+def test_run_lock_is_reentrant_in_one_process_and_released(tmp_path):
+    from checkpoint import LOCK_NAME, RunLock
     first = RunLock(str(tmp_path)).acquire()
-    with pytest.raises(OutputFolderError) as info:
-        RunLock(str(tmp_path)).acquire()
-    message = _one_line(info.value)
-    assert f'pid {os.getpid()} on host' in message and 'in use by another run' in message and '--tag' in message
+    assert RunLock(str(tmp_path)).acquire().held            # the same process: already its own
+    info = json.loads((tmp_path / LOCK_NAME).read_text())
+    assert info['pid'] == os.getpid() and info['host']
     first.release()
-    RunLock(str(tmp_path)).acquire().release()
-    assert (tmp_path / LOCK_NAME).exists()
+    assert not RunLock(str(tmp_path)).held
 
 
 def test_run_lock_of_a_killed_process_does_not_block(tmp_path):
@@ -533,8 +532,10 @@ def test_run_lock_of_a_killed_process_does_not_block(tmp_path):
         "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == 'locked'
-        with pytest.raises(CheckpointError, match=f'pid {holder.pid} on host h'):
+        with pytest.raises(CheckpointError) as info:
             RunLock(str(tmp_path)).acquire()
+        message = _one_line(info.value)
+        assert f'in use by another run (pid {holder.pid} on host h, started then)' in message and '--tag' in message
     finally:
         holder.kill()
         holder.wait()

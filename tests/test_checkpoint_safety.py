@@ -180,6 +180,8 @@ def test_second_run_into_a_busy_folder_is_refused_and_a_killed_holder_is_not(tmp
                         "another --tag or --output")
         assert holder.poll() is None, 'the first run stopped'
         assert 'Train:' not in second.stdout
+        # refused before writing anything there, not even a line of the holder's log
+        assert (out_dir / 'log_rank0.txt').read_text().count('rank 0 of 1 on cpu') == 1
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
