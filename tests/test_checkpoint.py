@@ -136,16 +136,25 @@ def test_damaged_file_is_reported_as_corrupt(tmp_path, damage):
     assert 'truncated or corrupt' in message and path in message
 
 
-def test_unsafe_pickle_is_refused_and_convert_tool_recovers_weights(tmp_path):
+def _unsafe_file(tmp_path):
     path = str(tmp_path / 'official.pth')
     weights = {'cls_head.weight': torch.randn(3, 4), 'cls_head.bias': torch.randn(3)}
     torch.save({'model': weights, 'args': argparse.Namespace(lr=0.1), 'epoch': 5}, path)
+    return path, weights
+
+
+def test_unsafe_pickle_is_refused_with_the_convert_command(tmp_path):
+    path, _ = _unsafe_file(tmp_path)
     with pytest.raises(CheckpointError) as info:
         load_checkpoint_file(path)
     message = _one_line(info.value)
     assert 'refused' in message and 'safety' in message and 'argparse.Namespace' in message
     assert 'tools/convert_checkpoint.py' in message
 
+
+@pytest.mark.slow
+def test_convert_tool_recovers_weights_of_a_refused_file(tmp_path):
+    path, weights = _unsafe_file(tmp_path)
     out = str(tmp_path / 'converted.pth')
     run = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'convert_checkpoint.py'),
                           '--in', path, '--out', out], capture_output=True, text=True, timeout=120)
@@ -688,3 +697,17 @@ def test_export_to_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f'could not write checkpoint {out}: File too large' in err
     assert os.listdir(tmp_path / 'out') == []
+
+
+def test_load_pretrained_refuses_non_finite_and_other_arithmetic(tmp_path):
+    from checkpoint import model_config
+    sd = MiniDat().state_dict()
+    sd['cls_head.bias'][1] = float('inf')
+    path = str(tmp_path / 'inf.pth')
+    atomic_save({'model': sd}, path)
+    with pytest.raises(CheckpointError, match=r'pretrained checkpoint .*inf.pth has NaN or inf values in 1 tensors: cls_head.bias'):
+        load_pretrained(_pretrained_config(path), MiniDat(), LOG)
+    v1 = str(tmp_path / 'v1.pth')
+    atomic_save({'model': MiniDat().state_dict(), 'model_config': model_config(_cfg('MODEL.DAT.deform_arith', 'v1'))}, v1)
+    with pytest.raises(CheckpointError, match="deform_arith 'v1' in the checkpoint, 'pp' here"):
+        load_pretrained(_pretrained_config(v1), MiniDat(), LOG)
