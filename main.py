@@ -37,15 +37,15 @@ import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 from torch.nn.parallel import DistributedDataParallel
 
+from checkpoint import (CheckpointError, CheckpointManager, RunLock, check_model_config, check_optimizer,
+                        load_checkpoint_file, load_model_state, model_config, prepare_output_dir,
+                        resume_position, unwrap_state_dict)
 from config import ConfigError, get_config
 from data import DataError, build_loader
 from logger import create_logger
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
-from checkpoint import (CheckpointError, CheckpointManager, check_model_config, check_optimizer,
-                        RunLock, load_checkpoint_file, load_model_state, model_config, prepare_output_dir,
-                        resume_position, unwrap_state_dict)
 from utils import (AverageMeter, NativeScalerWithGradNormCount, all_reduce_sum, get_rng_state,
                    init_distributed, load_pretrained, set_rng_state)
 
