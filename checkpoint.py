@@ -608,8 +608,8 @@ def resume_position(ckpt: dict, iters_per_epoch: int, global_batch: int) -> Tupl
     if iteration is None:
         return epoch + 1, 0, 0
     samples = ckpt.get('samples_seen')
-    if not isinstance(samples, int):
-        samples = int(iteration) * global_batch      # older files: assume the batch is unchanged
+    if not isinstance(samples, int) or samples < 0:
+        samples = max(int(iteration), 0) * global_batch      # older files: assume the batch is unchanged
     batch = min(samples // global_batch, iters_per_epoch)
     repeated = samples - batch * global_batch if batch < iters_per_epoch else 0
     return epoch, batch, repeated

@@ -646,6 +646,8 @@ def test_resume_position_of_epoch_ends_and_official_files():
     assert resume_position({'epoch': 3, 'iteration': None}, 10, 8) == (4, 0, 0)
     assert resume_position({'epoch': 299}, 10, 8) == (300, 0, 0)
     assert resume_position({'epoch': 3, 'iteration': 12, 'samples_seen': 96}, 10, 8) == (3, 10, 0)   # past the end
+    assert resume_position({'epoch': 3, 'iteration': 5}, 10, 8) == (3, 5, 0)        # files without samples_seen
+    assert resume_position({'epoch': 3, 'iteration': 5, 'samples_seen': -1}, 10, 8) == (3, 5, 0)
 
 
 # ----------------------------------------------------------------------------- output folder

@@ -112,10 +112,6 @@ def test_full_disk_is_one_line_and_keeps_earlier_checkpoints(small_tmpfs, tiny_d
     _one_line_error(run, f"could not write checkpoint {out_dir / 'ckpt_epoch_1.pth'}: No space left on device",
                     "earlier checkpoints kept", "free disk space")
     assert _checkpoint_digests(out_dir) == before and _no_temp_files(out_dir)
-    # once there is room again, the same command goes on from the kept checkpoint
-    shutil.rmtree(out_dir / 'tensorboard')
-    run = _run(tiny_args(tiny_data, 'TRAIN.EPOCHS', '2'), small_tmpfs)
-    assert run.returncode == 0 or 'No space left' in run.stderr, run.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------- unreadable newest
