@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Optional
 
 from termcolor import colored
 
@@ -35,16 +36,16 @@ def _console_wanted(record: logging.LogRecord) -> bool:
     return getattr(record, 'console', True)
 
 
-def create_logger(output_dir: str, dist_rank: int = 0, name: str = '',
+def create_logger(output_dir: Optional[str], dist_rank: int = 0, name: str = '',
                   capture_warnings: bool = False) -> logging.Logger:
     """Return the logger ``name`` writing to ``<output_dir>/log_rank{dist_rank}.txt`` (appended, so a
-    resumed run continues its file) and, on rank 0 only, to stdout in colour.
+    resumed run continues its file; no file when ``output_dir`` is None) and, on rank 0 only, to
+    stdout in colour.
 
     ``capture_warnings`` routes Python warnings to the same handlers, so that they sit in the log
     with the rest instead of on stderr. Calling it again in the same process (e.g. with another
     ``output_dir``) replaces the handlers it attached before rather than adding more.
     """
-    os.makedirs(output_dir, exist_ok=True)
     logger = logging.getLogger(name)
     logger.setLevel(logging.INFO)
     handlers = []
@@ -53,9 +54,11 @@ def create_logger(output_dir: str, dist_rank: int = 0, name: str = '',
         console.setFormatter(_ColorFormatter())
         console.addFilter(_console_wanted)
         handlers.append(console)
-    log_file = logging.FileHandler(os.path.join(output_dir, f'log_rank{dist_rank}.txt'), mode='a')
-    log_file.setFormatter(logging.Formatter(_FILE_FORMAT, datefmt=_DATE_FORMAT))
-    handlers.append(log_file)
+    if output_dir is not None:
+        os.makedirs(output_dir, exist_ok=True)
+        log_file = logging.FileHandler(os.path.join(output_dir, f'log_rank{dist_rank}.txt'), mode='a')
+        log_file.setFormatter(logging.Formatter(_FILE_FORMAT, datefmt=_DATE_FORMAT))
+        handlers.append(log_file)
 
     targets = [logger]
     if capture_warnings:

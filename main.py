@@ -175,6 +175,7 @@ def main(config, show_config: bool = False) -> int:
     one rank of a torchrun / SLURM job or a lone process; returns the exit status."""
     from timm.utils import random_seed
 
+    from checkpoint import RunLock, prepare_output_dir
     from distributed import cleanup_distributed, init_distributed
     from evaluation import throughput
     from logger import create_logger
@@ -187,10 +188,18 @@ def main(config, show_config: bool = False) -> int:
         random_seed(config.SEED, rank)
         config = scale_lr(config, world_size)
         refuse_foreign_run(config)
-        os.makedirs(config.OUTPUT, exist_ok=True)
+        read_only = config.EVAL_MODE or config.THROUGHPUT_MODE
+        writable = prepare_output_dir(config.OUTPUT, need_write=not read_only)
+        if rank == 0 and not read_only:
+            # Before anything is written there (even the log): a second run into this folder
+            # stops here with one line naming the run that holds it.
+            RunLock(config.OUTPUT).acquire()
         # 'dat' is the parent of the library loggers ('dat.data', ...): their warnings, such as
         # skipped unreadable images, land in the same console and log files.
-        logger = create_logger(output_dir=config.OUTPUT, dist_rank=rank, name='dat', capture_warnings=True)
+        logger = create_logger(output_dir=config.OUTPUT if writable else None, dist_rank=rank, name='dat',
+                               capture_warnings=True)
+        if not writable:
+            logger.warning("output folder %s is not writable: logging to the console only", config.OUTPUT)
         mode = 'evaluating' if config.EVAL_MODE else 'timing' if config.THROUGHPUT_MODE else 'training'
         logger.info("%s %s: rank %d of %d on %s (pid %d), output %s", mode, config.MODEL.NAME, rank, world_size,
                     device, os.getpid(), config.OUTPUT)
@@ -235,7 +244,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         from data import DataError
         from distributed import LaunchError
         from trainer import ModelInputError, TrainingDiverged
-        from utils import CheckpointError
+        from checkpoint import CheckpointError
         user_errors = (ConfigError, DataError, CheckpointError, ModelInputError, LaunchError)
         try:
             return _report(main(config, show_config=args.show_config))

@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from utils import strip_prefixes
+from checkpoint import strip_prefixes
 
 __all__ = ['build_optimizer', 'parameter_groups']
 

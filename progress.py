@@ -85,5 +85,11 @@ class Progress:
             self.tb_writer.flush()
 
     def close(self) -> None:
-        if self.tb_writer is not None:
-            self.tb_writer.close()
+        """Close TensorBoard. Its own failures (a full disk fails its flush too) are logged, never
+        raised, so that they cannot hide the error that ended the run."""
+        writer, self.tb_writer = self.tb_writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception as e:
+                self.logger.warning("could not close TensorBoard (%s)", ' '.join(str(e).split()))

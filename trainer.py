@@ -32,8 +32,9 @@ from optimizer import build_optimizer
 from preemption import StopRequest, ignore_stop_signals
 from progress import Progress
 from train_step import OptimizerStep, StepStats, autocast_settings, ema_update
-from utils import (CheckpointError, CheckpointManager, get_rng_state, load_checkpoint_file, load_model_state,
-                   set_rng_state, unwrap_state_dict)
+from checkpoint import (CheckpointError, CheckpointManager, check_model_config, check_optimizer,
+                        load_checkpoint_file, load_model_state, model_config, resume_position, unwrap_state_dict)
+from utils import get_rng_state, set_rng_state
 
 __all__ = ['Trainer', 'TrainingDiverged', 'ModelInputError']
 
@@ -69,15 +70,6 @@ def build_criterion(config, mixup_fn) -> nn.Module:
     if mixup_fn is not None:
         return SoftTargetCrossEntropy()          # mixup / cutmix already smooth the labels
     return nn.CrossEntropyLoss(label_smoothing=max(config.MODEL.LABEL_SMOOTHING, 0.0))
-
-
-def _progress_to_resume(ckpt: dict) -> Tuple[int, int]:
-    """(epoch, batch) to continue from, for our checkpoints and Swin / official full ones."""
-    epoch = int(ckpt['epoch'])
-    if 'iteration' in ckpt:         # CheckpointManager: None once the epoch is finished
-        iteration = ckpt['iteration']
-        return (epoch + 1, 0) if iteration is None else (epoch, int(iteration))
-    return epoch + 1, 0             # Swin / official: 'epoch' is the last finished epoch
 
 
 
@@ -160,14 +152,18 @@ class Trainer:
         """Everything needed to continue bit-for-bit; only tensors and plain values (weights_only).
 
         CheckpointManager.save adds the progress: 'epoch' and 'iteration' (batches done in that
-        epoch, or None once the epoch is finished and validated)."""
+        epoch, or None once the epoch is finished and validated); ``save`` adds 'samples_seen'.
+        'model_config' (the MODEL node) lets a later resume, --eval or --pretrained refuse a
+        model whose arithmetic differs."""
         state = {
             'model': self.model_without_ddp.state_dict(),
             'optimizer': self.optimizer.state_dict(),
+            'optimizer_name': type(self.optimizer).__name__,
             'lr_scheduler': self.lr_scheduler.state_dict(),
             'scaler': self.loss_scaler.state_dict(),
             'max_accuracy': float(self.max_accuracy),
             'config': self.config.dump(),
+            'model_config': model_config(self.config),
             'rng': get_rng_state(),
         }
         if self.world_size > 1:
@@ -178,23 +174,54 @@ class Trainer:
             state['ema'] = self.ema.module.state_dict()
         return state
 
+    def _global_batch(self) -> int:
+        """Images one training iteration consumes on all ranks together."""
+        return self.config.DATA.BATCH_SIZE * self.world_size
+
     def save(self, epoch: int, iteration: Optional[int] = None, is_best: bool = False) -> None:
         """Checkpoint ``iteration`` batches into ``epoch`` (None: the finished, validated epoch).
 
-        Collective: every rank calls it (RNG states are gathered); rank 0 writes the file."""
+        Collective: every rank calls it (RNG states are gathered); rank 0 writes the file, and
+        every rank stops with rank 0's one-line error when the write failed."""
         state = self._checkpoint_state()
+        # The position in images, so that a run with another batch size or process count resumes
+        # at the right image (see checkpoint.resume_position).
+        state['samples_seen'] = None if iteration is None else int(iteration) * self._global_batch()
+        error = None
         if self.rank == 0:
-            self.last_checkpoint = self.manager.save(state, epoch, iteration=iteration, is_best=is_best)
+            try:
+                self.last_checkpoint = self.manager.save(state, epoch, iteration=iteration, is_best=is_best)
+            except CheckpointError as e:
+                error = str(e)
         if self.world_size > 1:
-            dist.barrier()
+            shared = [error]
+            dist.broadcast_object_list(shared, src=0)
+            error = shared[0]
+        if error is not None:
+            # A failed save ends the run; close TensorBoard now (quietly: on a full disk its flush
+            # fails too) so that the error reported is the checkpoint's.
+            self.progress.close()
+            raise CheckpointError(error)
 
     def _resume_file(self) -> Optional[str]:
-        """The checkpoint to resume from, as rank 0 sees it: every rank must load the same file."""
-        path = self._find_resume_file() if self.rank == 0 else None
+        """The checkpoint to resume from, as rank 0 sees it: every rank must load the same file.
+
+        Rank 0 first takes the run folder's lock (it writes the checkpoints): a second run into the
+        same folder stops here, before it has touched a file. Its errors reach every rank."""
+        path = error = None
+        if self.rank == 0:
+            try:
+                self.manager.lock()
+                path = self._find_resume_file()
+            except CheckpointError as e:
+                error = str(e)
         if self.world_size > 1:
-            shared = [path]
+            shared = [path, error]
             dist.broadcast_object_list(shared, src=0)
-            path = shared[0]
+            path, error = shared
+        if error is not None:
+            raise CheckpointError(error)
+        if self.world_size > 1:
             if path and not os.path.isfile(path):
                 raise CheckpointError(f"rank {self.rank} cannot see {path}, which rank 0 resumes from: put "
                                       f"OUTPUT (and MODEL.RESUME) on a file system shared by all nodes")
@@ -230,23 +257,32 @@ class Trainer:
             return False
         self.logger.info("resuming from %s", path)
         ckpt = load_checkpoint_file(path)
-        load_model_state(self.model_without_ddp, unwrap_state_dict(ckpt), strict=True)
+        # Names and shapes first (they say most about another architecture), then the arithmetic.
+        load_model_state(self.model_without_ddp, unwrap_state_dict(ckpt), strict=True, source=f"checkpoint {path}")
+        check_model_config(ckpt, self.config, f"checkpoint {path}")
         if not isinstance(ckpt, dict) or 'optimizer' not in ckpt:
             self.logger.info("%s holds model weights only: starting from epoch %d", path, self.start_epoch)
             return True
-        self.optimizer.load_state_dict(ckpt['optimizer'])
+        check_optimizer(ckpt, self.optimizer, path)
+        try:
+            self.optimizer.load_state_dict(ckpt['optimizer'])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"the optimizer state of {path} does not fit this run's optimizer "
+                                  f"({' '.join(str(e).split())}); to start a new run from its weights, pass "
+                                  f"--pretrained {path} with another --tag (or --output)") from None
         self._restore_schedule(ckpt.get('lr_scheduler'))
         if 'scaler' in ckpt:
             self.loss_scaler.load_state_dict(ckpt['scaler'])
         self.max_accuracy = float(ckpt.get('max_accuracy', 0.0))
-        self.start_epoch, self.start_iter = _progress_to_resume(ckpt)
-        if self.start_iter > self.n_iter:
-            self.logger.warning("the checkpoint is %d iterations into an epoch of more iterations than this "
-                                "run's %d (batch size or process count changed): starting epoch %d afresh",
-                                self.start_iter, self.n_iter, self.start_epoch + 1)
-            self.start_epoch, self.start_iter = self.start_epoch + 1, 0
+        self.start_epoch, self.start_iter, repeated = resume_position(ckpt, self.n_iter, self._global_batch())
+        if repeated:
+            self.logger.warning("the checkpoint's position, %d images into epoch %d, is not a whole number of "
+                                "this run's batches of %d images (batch size or process count changed): "
+                                "resuming at batch %d, so %d images of it are seen a second time",
+                                ckpt['samples_seen'], self.start_epoch, self._global_batch(), self.start_iter,
+                                repeated)
         if self.ema is not None and 'ema' in ckpt:
-            load_model_state(self.ema.module, ckpt['ema'], strict=True)
+            load_model_state(self.ema.module, ckpt['ema'], strict=True, source=f"EMA weights of {path}")
             self.ema_restored = True
         rng = ckpt.get('rng')
         ranks = ckpt.get('rng_ranks')
@@ -263,8 +299,8 @@ class Trainer:
                          self.start_epoch, self.start_iter, self.max_accuracy)
         return True
 
-
     # ------------------------------------------------------------------ training
+
     def autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp)
 
@@ -401,7 +437,8 @@ class Trainer:
                                   "release file)")
         self.logger.info("evaluating %s", path)
         ckpt = load_checkpoint_file(path)
-        load_model_state(self.model_without_ddp, unwrap_state_dict(ckpt), strict=True)
+        load_model_state(self.model_without_ddp, unwrap_state_dict(ckpt), strict=True, source=f"checkpoint {path}")
+        check_model_config(ckpt, config, f"checkpoint {path}")
         result = self.validate()
         self.logger.info(f"Accuracy of the network on the {result['count']} test images: "
                          f"{result['acc1']:.2f}%")

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 from typing import List
 
 import pytest
 import torch
 
-from conftest import MODEL_NAME, TINY_OPTS, file_digests, load_ckpt, run_main, tiny_args
+from conftest import MODEL_NAME, REPO, TINY_OPTS, file_digests, load_ckpt, run_main, tiny_args
+
+sys.path.insert(0, str(REPO))
+from checkpoint import LOCK_NAME  # noqa: E402
+
+pytestmark = pytest.mark.slow
 
 pytestmark = pytest.mark.slow       # starts real main.py processes
 
@@ -26,6 +32,32 @@ def _copy_tree(src: str, dst: Path, rename_last_val_class: bool = False, drop: s
         last.rename(dst / 'val' / 'n9999_other')
         (dst / 'renamed').write_text(last.name)
     return str(dst)
+
+
+def _edited_checkpoint(path: Path, good: Path, edit) -> str:
+    """A copy of ``good`` with ``edit(model_state_dict)`` applied to its weights."""
+    ckpt = load_ckpt(good)
+    edit(ckpt['model'])
+    torch.save(ckpt, path)
+    return str(path)
+
+
+def _nan_weights(sd):
+    sd['cls_head.weight'][0, 0] = float('nan')
+
+
+def _integer_weights(sd):
+    sd['cls_head.weight'] = (sd['cls_head.weight'] * 100).long()
+
+
+def _file(path: Path) -> str:
+    path.write_text('not a folder')
+    return str(path)
+
+
+def _newest_is_a_directory(good: Path, args: List[str]) -> List[str]:
+    (good.parent / 'ckpt_epoch_1.pth').mkdir()
+    return args
 
 
 def _unsafe_checkpoint(path: Path, good: Path) -> str:
@@ -64,6 +96,38 @@ CASES: List[tuple] = [
     ('checkpoint-needs-unpickling',
      lambda t, d, c: ['--eval', '--resume', _unsafe_checkpoint(t / 'official.pth', c), *tiny_args(d)], 2,
      ["refused", "argparse.Namespace", "tools/convert_checkpoint.py"]),
+    # -- checkpoints that do not match the run
+    ('resume-other-deform-arith',      # auto-resume finds a DAT++ checkpoint; the config asks for v1 arithmetic
+     lambda t, d, c: tiny_args(d, 'MODEL.DAT.deform_arith', 'v1'), 2,
+     ["ckpt_epoch_0.pth was trained with another model", "MODEL.DAT.deform_arith 'pp' in the checkpoint, 'v1' here",
+      "--opts MODEL.DAT.deform_arith pp"]),
+    ('eval-other-deform-arith',
+     lambda t, d, c: ['--eval', '--resume', str(c), *tiny_args(d, 'MODEL.DAT.deform_arith', 'v1')], 2,
+     ["was trained with another model", "MODEL.DAT.deform_arith 'pp' in the checkpoint, 'v1' here"]),
+    ('pretrained-other-offset-range',  # same parameter shapes, other deformable offsets
+     lambda t, d, c: ['--pretrained', str(c), '--tag', 'finetune',
+                      *tiny_args(d, 'MODEL.DAT.offset_range_factor', '[1,2,3,4]')], 2,
+     ["pretrained checkpoint", "was trained with another model",
+      "MODEL.DAT.offset_range_factor [-1, -1, -1, -1] in the checkpoint, [1, 2, 3, 4] here"]),
+    ('eval-nan-weights',
+     lambda t, d, c: ['--eval', '--resume', _edited_checkpoint(t / 'nan.pth', c, _nan_weights), *tiny_args(d)], 2,
+     ["nan.pth has NaN or inf values in 1 tensors: cls_head.weight", "use an earlier checkpoint"]),
+    ('eval-integer-weights',
+     lambda t, d, c: ['--eval', '--resume', _edited_checkpoint(t / 'int.pth', c, _integer_weights), *tiny_args(d)], 2,
+     ["int.pth has 1 tensors of another kind than the model's: cls_head.weight torch.int64 (model torch.float32)"]),
+    ('resume-other-optimizer',
+     lambda t, d, c: tiny_args(d, 'TRAIN.OPTIMIZER.NAME', 'sgd'), 2,
+     ["saved by optimizer AdamW, this run uses SGD", "--pretrained", "ckpt_epoch_0.pth", "another --tag"]),
+    ('unreadable-newest-checkpoint',   # open() fails (EISDIR): not damage, so no fall-back and no pruning
+     lambda t, d, c: _newest_is_a_directory(c, tiny_args(d)), 2,
+     ["cannot read checkpoint", "ckpt_epoch_1.pth: Is a directory", "nothing was deleted"]),
+    # -- output folder
+    ('output-is-a-file',
+     lambda t, d, c: [*tiny_args(d), '--output', _file(t / 'a_file')], 2,
+     ["cannot create output folder", "a_file", "choose another --output"]),
+    ('output-under-proc',
+     lambda t, d, c: [*tiny_args(d), '--output', '/proc/dat_output'], 2,
+     ["cannot create output folder /proc/dat_output/", "choose another --output"]),
     ('input-size-incompatible',        # a window-7 block on a 16x16 first stage
      lambda t, d, c: tiny_args(d, 'MODEL.DAT.stage_spec', "[['L'],['N'],['N','D'],['D']]"), 2,
      ["DATA.IMG_SIZE 64", "window attention needs feature maps divisible by window_size=7, got 16x16"]),
@@ -99,8 +163,10 @@ def test_bad_input_is_one_line_and_harmless(case_id, make_args, status, words, t
     # Nothing saved before was changed, and no checkpoint was added. (A run that got as far as
     # training records its own config.yaml; the checkpoints are what must stay untouched.)
     skip = ('config.yaml',) if status == 3 else ()
+    skip += (LOCK_NAME,)              # the run lock: taken by a run that got as far as resuming
     assert file_digests(out_dir, skip) == {k: v for k, v in before.items() if k not in skip}
     assert load_ckpt(good)['epoch'] == 0
+    assert not [p for p in out_dir.iterdir() if p.name.endswith('.tmp')]
 
 
 def test_diverged_run_resumes_from_the_kept_checkpoint(tmp_path, tiny_data, tiny_reference):

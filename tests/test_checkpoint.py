@@ -1,9 +1,13 @@
 """Checkpoint files: atomic writes, pruning, resume discovery, safe loading, pretrained resizing, RNG."""
 import argparse
+import contextlib
 import errno
+import json
 import logging
 import os
 import random
+import resource
+import signal
 import subprocess
 import sys
 
@@ -17,8 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from config import load_config  # noqa: E402
-from utils import (CheckpointError, CheckpointManager, atomic_save, find_resume, get_rng_state,  # noqa: E402
-                   load_checkpoint_file, load_model_state, load_pretrained, set_rng_state, unwrap_state_dict)
+from checkpoint import (CheckpointError, CheckpointManager, atomic_save, find_resume,  # noqa: E402
+                        load_checkpoint_file, load_model_state, unwrap_state_dict)
+from utils import get_rng_state, load_pretrained, set_rng_state  # noqa: E402
 
 FIXTURES = os.path.join(ROOT, '..', 'shared', 'fixtures', 'dat_official')
 LOG = logging.getLogger('test_checkpoint')
@@ -41,24 +46,51 @@ def test_atomic_save_round_trips_with_weights_only(tmp_path):
     assert {k: v for k, v in loaded.items() if k != 'model'} == {k: v for k, v in state.items() if k != 'model'}
 
 
-def test_disk_full_mid_write_keeps_previous_file_and_no_temp(tmp_path, monkeypatch):
+@contextlib.contextmanager
+def _file_size_limit(limit):
+    """A real kernel limit on file size: writes past ``limit`` bytes fail with EFBIG, as the writes
+    of a full disk fail with ENOSPC (SIGXFSZ ignored, as a process that handles it would)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_write_failing_inside_torch_save_is_one_line_and_keeps_previous_file(tmp_path):
+    # torch.save turns the failed write into "RuntimeError: [enforce fail at inline_container.cc]
+    # unexpected pos": the OSError behind it must still be the one reported.
     path = str(tmp_path / 'ckpt_epoch_1.pth')
     atomic_save({'epoch': 1, 'w': torch.ones(3)}, path)
     before = open(path, 'rb').read()
-
-    def full_disk(obj, f):
-        f.write(b'\0' * 4096)                   # part of the data reached the disk ...
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))   # ... then the disk filled up
-    monkeypatch.setattr(torch, 'save', full_disk)
-    with pytest.raises(CheckpointError) as info:
-        atomic_save({'epoch': 2, 'w': torch.zeros(3)}, path)
+    with _file_size_limit(64 << 10):
+        with pytest.raises(CheckpointError) as info:
+            atomic_save({'epoch': 2, 'w': torch.zeros(1 << 16)}, path)
     message = _one_line(info.value)
-    assert path in message and os.strerror(errno.ENOSPC) in message
-    assert 'previous checkpoint kept' in message and 'free disk space' in message
-    monkeypatch.undo()
+    assert path in message and os.strerror(errno.EFBIG) in message, message
+    assert 'earlier checkpoints kept' in message and 'ulimit -f' in message
+    assert 'inline_container' not in message
     assert os.listdir(tmp_path) == ['ckpt_epoch_1.pth']
     assert open(path, 'rb').read() == before
-    assert load_checkpoint_file(path)['epoch'] == 1
+
+
+@pytest.mark.parametrize('failure', [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+                                     RuntimeError('zip writer: something else went wrong')])
+def test_any_write_failure_is_one_line_and_removes_temp(tmp_path, monkeypatch, failure):
+    path = str(tmp_path / 'ckpt_epoch_1.pth')
+
+    def failing(obj, f):
+        f.write(b'\0' * 4096)
+        raise failure
+    monkeypatch.setattr(torch, 'save', failing)
+    with pytest.raises(CheckpointError) as info:
+        atomic_save({'epoch': 2}, path)
+    message = _one_line(info.value)
+    assert message.startswith(f'could not write checkpoint {path}: ') and 'earlier checkpoints kept' in message
+    assert os.listdir(tmp_path) == []
 
 
 def test_interrupted_write_removes_temp_file(tmp_path, monkeypatch):
@@ -104,16 +136,25 @@ def test_damaged_file_is_reported_as_corrupt(tmp_path, damage):
     assert 'truncated or corrupt' in message and path in message
 
 
-def test_unsafe_pickle_is_refused_and_convert_tool_recovers_weights(tmp_path):
+def _unsafe_file(tmp_path):
     path = str(tmp_path / 'official.pth')
     weights = {'cls_head.weight': torch.randn(3, 4), 'cls_head.bias': torch.randn(3)}
     torch.save({'model': weights, 'args': argparse.Namespace(lr=0.1), 'epoch': 5}, path)
+    return path, weights
+
+
+def test_unsafe_pickle_is_refused_with_the_convert_command(tmp_path):
+    path, _ = _unsafe_file(tmp_path)
     with pytest.raises(CheckpointError) as info:
         load_checkpoint_file(path)
     message = _one_line(info.value)
     assert 'refused' in message and 'safety' in message and 'argparse.Namespace' in message
     assert 'tools/convert_checkpoint.py' in message
 
+
+@pytest.mark.slow
+def test_convert_tool_recovers_weights_of_a_refused_file(tmp_path):
+    path, weights = _unsafe_file(tmp_path)
     out = str(tmp_path / 'converted.pth')
     run = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'convert_checkpoint.py'),
                           '--in', path, '--out', out], capture_output=True, text=True, timeout=120)
@@ -217,15 +258,26 @@ def test_latest_of_empty_or_missing_dir_is_none(tmp_path):
     assert find_resume(str(tmp_path / 'not_there')) is None
 
 
-def test_manager_removes_stale_temp_files_of_killed_writes(tmp_path):
-    stale = tmp_path / '.ckpt_epoch_3.pth.1234.abcd.tmp'
-    stale.write_bytes(b'partial')
+def _dead_pid():
+    proc = subprocess.Popen([sys.executable, '-c', ''])
+    proc.wait()
+    return proc.pid
+
+
+def test_manager_removes_only_temp_files_of_dead_or_own_writers(tmp_path):
+    from checkpoint import _HOST
+    dead = tmp_path / f'.ckpt_epoch_3.pth.{_HOST}.{_dead_pid()}.abcd.tmp'
+    old_style = tmp_path / f'.ckpt_epoch_2.pth.{_dead_pid()}.abcd.tmp'       # written before the host part
+    own = tmp_path / f'.best.pth.{_HOST}.{os.getpid()}.12ef.tmp'
+    live = tmp_path / f'.ckpt_epoch_3.pth.{_HOST}.{os.getppid()}.abcd.tmp'   # a writer that still runs
+    elsewhere = tmp_path / f'.ckpt_epoch_3.pth.otherhost.{_dead_pid()}.abcd.tmp'   # cannot be checked
     other = tmp_path / 'notes.tmp'
-    other.write_bytes(b'keep me')
+    for p in (dead, old_style, own, live, elsewhere, other):
+        p.write_bytes(b'partial')
     manager = CheckpointManager(str(tmp_path), logger=LOG)
-    assert manager.latest() is None and stale.exists()        # looking never deletes
+    assert manager.latest() is None and dead.exists()        # looking never deletes
     manager.save(_state(0), epoch=0)
-    assert _names(tmp_path) == ['ckpt_epoch_0.pth', 'notes.tmp']
+    assert _names(tmp_path) == sorted([live.name, elsewhere.name, 'ckpt_epoch_0.pth', 'notes.tmp'])
 
 
 # ----------------------------------------------------------------------------- load_model_state
@@ -433,3 +485,235 @@ def test_yacs_config_does_not_open_the_door_to_other_objects(tmp_path):
     torch.save({'model': {'w': torch.ones(1)}, 'config': load_config(), 'payload': _RunsCode()}, path)
     with pytest.raises(CheckpointError, match='refused'):
         load_checkpoint_file(str(path))
+
+
+# ----------------------------------------------------------------------------- unreadable vs corrupt
+def test_unreadable_newest_checkpoint_stops_the_search_and_deletes_nothing(tmp_path):
+    from checkpoint import CheckpointUnreadable
+    manager = CheckpointManager(str(tmp_path), keep_last=3, logger=LOG)
+    for epoch in range(2):
+        manager.save(_state(epoch), epoch=epoch)
+    (tmp_path / 'ckpt_epoch_2.pth').mkdir()                  # open() fails with EISDIR: not damage
+    with pytest.raises(CheckpointUnreadable) as info:
+        manager.latest()
+    message = _one_line(info.value)
+    assert str(tmp_path / 'ckpt_epoch_2.pth') in message and 'nothing was deleted' in message
+    assert _names(tmp_path) == ['ckpt_epoch_0.pth', 'ckpt_epoch_1.pth', 'ckpt_epoch_2.pth']
+
+
+def test_fifo_is_unreadable_without_blocking(tmp_path):
+    from checkpoint import CheckpointUnreadable
+    fifo = tmp_path / 'ckpt_epoch_0.pth'
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointUnreadable, match='not a regular file'):
+        load_checkpoint_file(str(fifo))
+
+
+def test_saving_behind_a_corrupt_newer_file_keeps_it(tmp_path):
+    manager = CheckpointManager(str(tmp_path), keep_last=5, logger=LOG)
+    for epoch in range(3):
+        manager.save(_state(epoch), epoch=epoch)
+    _truncate(str(tmp_path / 'ckpt_epoch_2.pth'))
+    assert manager.latest() == str(tmp_path / 'ckpt_epoch_1.pth')
+    manager.save(_state(1.5), epoch=2, iteration=4)             # the resumed run goes on from epoch 1
+    assert 'ckpt_epoch_2.pth' in _names(tmp_path)
+
+
+# ----------------------------------------------------------------------------- run lock
+def test_run_lock_is_reentrant_in_one_process_and_released(tmp_path):
+    from checkpoint import LOCK_NAME, RunLock
+    first = RunLock(str(tmp_path)).acquire()
+    assert RunLock(str(tmp_path)).acquire().held            # the same process: already its own
+    info = json.loads((tmp_path / LOCK_NAME).read_text())
+    assert info['pid'] == os.getpid() and info['host']
+    first.release()
+    assert not RunLock(str(tmp_path)).held
+
+
+def test_run_lock_of_a_killed_process_does_not_block(tmp_path):
+    from checkpoint import RunLock
+    holder = subprocess.Popen([sys.executable, '-c', (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(tmp_path / '.run.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, b'{\"pid\": %d, \"host\": \"h\", \"started\": \"then\"}' % os.getpid())\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        with pytest.raises(CheckpointError) as info:
+            RunLock(str(tmp_path)).acquire()
+        message = _one_line(info.value)
+        assert f'in use by another run (pid {holder.pid} on host h, started then)' in message and '--tag' in message
+    finally:
+        holder.kill()
+        holder.wait()
+    RunLock(str(tmp_path)).acquire().release()      # the kernel dropped the dead holder's lock
+
+
+# ----------------------------------------------------------------------------- tensors and model config
+def test_non_float_and_non_finite_tensors_are_refused():
+    good = Small().state_dict()
+    for bad, words in [({**good, 'fc.weight': good['fc.weight'].long()}, 'torch.int64 (model torch.float32)'),
+                       ({**good, 'fc.weight': good['fc.weight'].to(torch.complex64)}, 'complex64'),
+                       ({**good, 'fc.bias': torch.tensor([0., float('nan'), 1.])}, 'NaN or inf values in 1 tensors: fc.bias'),
+                       ({**good, 'fc.bias': torch.tensor([0., float('inf'), 1.])}, 'NaN or inf')]:
+        target = Small()
+        before = {k: v.clone() for k, v in target.state_dict().items()}
+        with pytest.raises(CheckpointError) as info:
+            load_model_state(target, bad, source='checkpoint x.pth')
+        message = _one_line(info.value)
+        assert words in message and message.startswith('checkpoint x.pth has')
+        assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())   # nothing loaded
+    load_model_state(Small(), {k: v.half() for k, v in good.items()})    # another float precision is fine
+
+
+def _cfg(*opts):
+    return load_config(opts=list(opts))
+
+
+def test_model_config_mismatch_in_arithmetic_is_refused():
+    from checkpoint import check_model_config, model_config
+    saved = {'model_config': model_config(_cfg('MODEL.DAT.deform_arith', 'v1'))}
+    with pytest.raises(CheckpointError) as info:
+        check_model_config(saved, _cfg(), 'checkpoint a.pth')
+    message = _one_line(info.value)
+    assert "MODEL.DAT.deform_arith 'v1' in the checkpoint, 'pp' here" in message
+    assert '--opts MODEL.DAT.deform_arith v1' in message
+    spec = {'model_config': model_config(_cfg('MODEL.DAT.stage_spec', "[['L','S'],['L','D'],['L','D','L','D','L','D'],['L','D']]"))}
+    with pytest.raises(CheckpointError, match='MODEL.DAT.stage_spec'):
+        check_model_config(spec, _cfg(), 'checkpoint a.pth')
+    # regularisation, the class count and the input size do not change the arithmetic
+    check_model_config({'model_config': model_config(_cfg('MODEL.DAT.drop_path_rate', '0.3', 'MODEL.DAT.img_size', '384',
+                                                           'MODEL.DAT.num_classes', '10', 'MODEL.DROP_PATH_RATE', '0.5'))},
+                       _cfg(), 'x')
+    check_model_config({'model': {}}, _cfg(), 'x')           # a release file without a config: nothing to compare
+
+
+def test_model_config_is_read_from_yaml_dump_and_official_pickled_config():
+    from checkpoint import PickledConfig, check_model_config
+    v1 = _cfg('MODEL.DAT.deform_arith', 'v1')
+    with pytest.raises(CheckpointError, match='deform_arith'):
+        check_model_config({'config': v1.dump()}, _cfg(), 'x')
+    official = PickledConfig(MODEL=PickledConfig(TYPE='dat', DAT=PickledConfig(ksizes=(9, 7, 5, 3), nat_ksizes=[7] * 4)))
+    with pytest.raises(CheckpointError, match=r"MODEL.DAT.nat_ksizes \[7, 7, 7, 7\] in the checkpoint, \[3, 3, 3, 3\] here"):
+        check_model_config({'config': official}, _cfg(), 'x')
+    official['MODEL']['DAT']['nat_ksizes'] = [3] * 4           # keys it lacks (deform_arith) are not compared
+    check_model_config({'config': official}, _cfg(), 'x')
+
+
+def test_another_optimizer_is_refused_with_the_pretrained_hint():
+    from checkpoint import check_optimizer
+    params = [nn.Parameter(torch.ones(2))]
+    adamw = torch.optim.AdamW(params)
+    saved = {'optimizer': adamw.state_dict(), 'optimizer_name': 'AdamW'}
+    check_optimizer(saved, torch.optim.AdamW(params), 'a.pth')
+    with pytest.raises(CheckpointError) as info:
+        check_optimizer(saved, torch.optim.SGD(params, lr=0.1), 'a.pth')
+    message = _one_line(info.value)
+    assert 'optimizer AdamW, this run uses SGD' in message and '--pretrained a.pth' in message
+    with pytest.raises(CheckpointError, match='--pretrained'):          # files without the name: settings differ
+        check_optimizer({'optimizer': adamw.state_dict()}, torch.optim.SGD(params, lr=0.1), 'a.pth')
+
+
+# ----------------------------------------------------------------------------- resume position
+def _consumed(n, epoch, batches, batch_size, world):
+    """Indices of the first ``batches`` batches of every rank, from the training sampler itself."""
+    from data.samplers import ResumableDistributedSampler
+    out = []
+    for rank in range(world):
+        sampler = ResumableDistributedSampler(range(n), num_replicas=world, rank=rank, seed=7, batch_size=batch_size)
+        sampler.set_epoch(epoch)
+        out += sampler.epoch_indices()[:batches * batch_size]
+    return sorted(out)
+
+
+@pytest.mark.parametrize('old, new, repeated', [((2, 1), (4, 1), 0), ((2, 2), (4, 1), 0), ((4, 1), (2, 2), 0),
+                                                ((2, 1), (3, 1), 2), ((3, 2), (5, 1), 4)])
+def test_resume_keeps_the_position_in_images_across_batch_and_world_size(old, new, repeated):
+    from checkpoint import resume_position
+    (b, w), (nb, nw) = old, new
+    n, done = 96, 4
+    ckpt = {'epoch': 1, 'iteration': done, 'samples_seen': done * b * w}
+    epoch, batch, again = resume_position(ckpt, iters_per_epoch=n // (nb * nw), global_batch=nb * nw)
+    assert (epoch, again) == (1, repeated)
+    seen, resumed = _consumed(n, 1, done, b, w), _consumed(n, 1, batch, nb, nw)
+    assert set(resumed) <= set(seen) and len(seen) - len(resumed) == repeated      # nothing skipped
+
+
+def test_resume_position_of_epoch_ends_and_official_files():
+    from checkpoint import resume_position
+    assert resume_position({'epoch': 3, 'iteration': None}, 10, 8) == (4, 0, 0)
+    assert resume_position({'epoch': 299}, 10, 8) == (300, 0, 0)
+    assert resume_position({'epoch': 3, 'iteration': 12, 'samples_seen': 96}, 10, 8) == (3, 10, 0)   # past the end
+    assert resume_position({'epoch': 3, 'iteration': 5}, 10, 8) == (3, 5, 0)        # files without samples_seen
+    assert resume_position({'epoch': 3, 'iteration': 5, 'samples_seen': -1}, 10, 8) == (3, 5, 0)
+
+
+# ----------------------------------------------------------------------------- output folder
+def test_output_folder_problems_are_one_line(tmp_path):
+    from checkpoint import OutputFolderError, prepare_output_dir
+    a_file = tmp_path / 'file'
+    a_file.write_text('x')
+    for path, words in [(a_file, 'exists and is not a folder'), (a_file / 'sub', 'cannot create output folder'),
+                        ('/proc/dat_output/run', 'cannot create output folder')]:
+        with pytest.raises(OutputFolderError) as info:
+            prepare_output_dir(str(path))
+        assert words in _one_line(info.value)
+    assert prepare_output_dir(str(tmp_path / 'new' / 'run')) and os.listdir(tmp_path / 'new' / 'run') == []
+
+
+# ----------------------------------------------------------------------------- Trainer.save
+def test_failed_save_closes_tensorboard_quietly_and_reports_the_write_error(tmp_path):
+    """On a full disk TensorBoard's own flush fails too; that second error must not replace the first."""
+    from progress import Progress
+    from trainer import Trainer
+
+    class FullDisk:
+        def save(self, *args, **kwargs):
+            raise CheckpointError('could not write checkpoint x.pth: No space left on device')
+
+    class BrokenWriter:
+        closed = False
+
+        def close(self):
+            BrokenWriter.closed = True
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.rank, trainer.world_size, trainer.manager = 0, 1, FullDisk()
+    trainer.config = load_config(opts=['DATA.BATCH_SIZE', '2'])
+    trainer.progress = Progress.__new__(Progress)
+    trainer.progress.tb_writer, trainer.progress.logger = BrokenWriter(), logging.getLogger('test')
+    trainer._checkpoint_state = lambda: {}
+    with pytest.raises(CheckpointError, match='No space left on device'):
+        trainer.save(epoch=1, iteration=3)
+    assert BrokenWriter.closed and trainer.progress.tb_writer is None  # the loop's `finally` has nothing left
+    trainer.progress.close()
+
+
+def test_export_to_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    pytest.importorskip('safetensors')
+    from tools.export_safetensors import main as export_main
+    ckpt = tmp_path / 'ckpt.pth'
+    atomic_save({'model': {'w': torch.randn(1 << 16)}}, str(ckpt))
+    out = tmp_path / 'out' / 'w.safetensors'
+    with _file_size_limit(64 << 10):
+        assert export_main(['--ckpt', str(ckpt), '--out', str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f'could not write checkpoint {out}: File too large' in err
+    assert os.listdir(tmp_path / 'out') == []
+
+
+def test_load_pretrained_refuses_non_finite_and_other_arithmetic(tmp_path):
+    from checkpoint import model_config
+    sd = MiniDat().state_dict()
+    sd['cls_head.bias'][1] = float('inf')
+    path = str(tmp_path / 'inf.pth')
+    atomic_save({'model': sd}, path)
+    with pytest.raises(CheckpointError, match=r'pretrained checkpoint .*inf.pth has NaN or inf values in 1 tensors: cls_head.bias'):
+        load_pretrained(_pretrained_config(path), MiniDat(), LOG)
+    v1 = str(tmp_path / 'v1.pth')
+    atomic_save({'model': MiniDat().state_dict(), 'model_config': model_config(_cfg('MODEL.DAT.deform_arith', 'v1'))}, v1)
+    with pytest.raises(CheckpointError, match="deform_arith 'v1' in the checkpoint, 'pp' here"):
+        load_pretrained(_pretrained_config(v1), MiniDat(), LOG)

@@ -8,7 +8,7 @@ import torch.nn as nn
 from config import load_config
 from lr_scheduler import build_scheduler
 from optimizer import build_optimizer
-from utils import atomic_save, load_checkpoint_file
+from checkpoint import atomic_save, load_checkpoint_file
 
 BASE, WARM, MIN = 1e-3, 1e-6, 1e-5
 N_ITER, EPOCHS, WARMUP = 5, 10, 2          # 50 updates, the first 10 warming up

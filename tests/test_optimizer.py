@@ -6,7 +6,7 @@ import torch.nn as nn
 from config import load_config
 from conftest import REPO, fixture_dir
 from optimizer import build_optimizer, parameter_groups
-from utils import atomic_save, load_checkpoint_file
+from checkpoint import atomic_save, load_checkpoint_file
 
 
 class _Deform(nn.Module):

@@ -22,7 +22,8 @@ from models import build_model  # noqa: E402
 from models.registry import CONFIG_DIR, VARIANTS, checkpoint_filter_fn  # noqa: E402
 from test_fixtures import FIXTURES, check_logits, rel_err  # noqa: E402
 from test_param_counts import OFFICIAL_PARAMS  # noqa: E402
-from utils import CheckpointError, _resize_position_table  # noqa: E402
+from checkpoint import CheckpointError  # noqa: E402
+from utils import _resize_position_table  # noqa: E402
 
 DAT_PP = ['dat_pp_tiny', 'dat_pp_small', 'dat_pp_base', 'dat_pp_base_384', 'dat_plus_tiny']
 DAT_V1 = ['dat_v1_tiny', 'dat_v1_small', 'dat_v1_base', 'dat_v1_base_384']
@@ -318,7 +319,7 @@ def test_safetensors_export_ema_and_errors(tmp_path: Path, capsys) -> None:
 
     torch.save({'model': model}, tmp_path / 'no_ema.pth')
     assert export_main(['--ckpt', str(tmp_path / 'no_ema.pth'), '--out', str(tmp_path / 'x.safetensors'),
-                        '--ema']) == 1
+                        '--ema']) == 2
     err = capsys.readouterr().err
     assert "no 'ema' weights" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / 'x.safetensors').exists()

@@ -16,7 +16,7 @@ from conftest import REPO
 from distributed import LaunchError, agree, init_distributed, is_dist
 from logger import create_logger
 from train_step import OptimizerStep, StepStats, ema_update
-from utils import atomic_save, load_checkpoint_file
+from checkpoint import atomic_save, load_checkpoint_file
 
 ROOT = str(REPO)
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Re-save a trusted checkpoint that holds Python objects as a tensors-only ``{'model': state_dict}``.
 
-The training code loads checkpoints with ``weights_only=True`` and refuses files that need
-full unpickling (for example the official DAT checkpoints, which store the yacs config object).
-This tool unpickles such a file fully -- which can run code embedded in it, so use it only on
-files from a source you trust -- and writes the model weights alone to a new file that then
-loads safely everywhere.
+The training code reads checkpoints without running code from them: tensors and plain values
+only, plus the yacs config that official training checkpoints pickle (rebuilt as a plain dict).
+A file that pickles any other Python object (an ``argparse.Namespace``, a model class, ...) is
+refused. This tool unpickles such a file fully -- which can run code embedded in it, so use it
+only on files from a source you trust -- and writes the model weights alone to a new file that
+then loads safely everywhere.
 
     python tools/convert_checkpoint.py --in dat_tiny_in1k_224.pth --out dat_tiny_weights.pth
 """
@@ -19,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils import CheckpointError, atomic_save, strip_prefixes, unwrap_state_dict  # noqa: E402
+from checkpoint import CheckpointError, atomic_save, strip_prefixes, unwrap_state_dict  # noqa: E402
 
 
 def convert(src: str, dst: str) -> int:
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
         count = convert(args.src, args.dst)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(f"wrote {count} tensors to {args.dst} as {{'model': state_dict}}")
     return 0
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import sys
 from typing import Dict, Optional, Sequence
 
@@ -24,7 +23,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils import CheckpointError, load_checkpoint_file, strip_prefixes, unwrap_state_dict  # noqa: E402
+from checkpoint import (CheckpointError, _remove_quietly, _temp_path, _write_failed,  # noqa: E402
+                        load_checkpoint_file, strip_prefixes, unwrap_state_dict)
 
 
 def extract_weights(ckpt: dict, ema: bool = False, source: str = 'checkpoint') -> Dict[str, torch.Tensor]:
@@ -68,17 +68,22 @@ def export(ckpt_path: str, out_path: str, ema: bool = False) -> Dict[str, torch.
     if os.path.abspath(ckpt_path) == os.path.abspath(out_path):
         raise CheckpointError("--out must differ from --ckpt")
     weights = extract_weights(load_checkpoint_file(ckpt_path), ema, ckpt_path)
-    directory = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f'.{os.path.basename(out_path)}.{secrets.token_hex(4)}.tmp')
+    tmp: Optional[str] = None
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        tmp = _temp_path(out_path)
         save_file(weights, tmp, metadata={'format': 'pt', 'weights': 'ema' if ema else 'model',
                                           'source': os.path.basename(ckpt_path)})
         verify(tmp, weights)
         os.replace(tmp, out_path)     # only a verified file ever appears under the final name
+        tmp = None
+    except CheckpointError:
+        raise
+    except Exception as e:            # a full disk, a read-only folder, the safetensors writer's errors
+        raise _write_failed(out_path, e) from e
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if tmp is not None:
+            _remove_quietly(tmp)
     return weights
 
 
@@ -90,9 +95,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         weights = export(args.ckpt, args.out, args.ema)
-    except (CheckpointError, OSError) as e:
+    except CheckpointError as e:
         print(f'error: {e}', file=sys.stderr)
-        return 1
+        return 2
     count = sum(t.numel() for t in weights.values())
     print(f"wrote {len(weights)} tensors ({count:,} values, {'EMA' if args.ema else 'model'} weights) "
           f"to {args.out}; round-trip check passed")

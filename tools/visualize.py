@@ -231,7 +231,7 @@ def load_model(cfg_file: str, ckpt: Optional[str], opts: Sequence[str] = (), ema
     """Model of ``cfg_file`` in eval mode with the weights of ``ckpt`` (strict), and its config."""
     from config import load_config
     from models import build_model
-    from utils import CheckpointError, load_checkpoint_file, load_model_state, unwrap_state_dict
+    from checkpoint import CheckpointError, load_checkpoint_file, load_model_state, unwrap_state_dict
 
     config = load_config(cfg_file, opts=opts)
     model = build_model(config)
@@ -282,7 +282,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print('warning: no --ckpt given, drawing a randomly initialised model', file=sys.stderr)
 
     from config import ConfigError
-    from utils import CheckpointError
+    from checkpoint import CheckpointError
     try:
         paths, blocks = visualize(args.cfg, args.ckpt, args.image, args.out, tuple(args.query) if args.query else None,
                                   args.img_size, args.top_k, args.ema, args.opts)
