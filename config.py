@@ -93,14 +93,15 @@ _D.deform_arith = 'pp'
 del _D
 
 # Keyword arguments of the DeBiFormer constructor (MODEL.TYPE 'debiformer'; debiformer_facts.md
-# section 1); defaults are debiformer_tiny. Classes come from MODEL.NUM_CLASSES, head dropout from
-# MODEL.DROP_RATE, the attention kernels from MODEL.ATTN_IMPL.
+# section 1); defaults are debiformer_tiny. Classes come from MODEL.NUM_CLASSES, the attention
+# kernels from MODEL.ATTN_IMPL.
 _C.MODEL.DEBI = CN()
 _E = _C.MODEL.DEBI
 _E.depth = [1, 1, 4, 1]
 _E.embed_dim = [64, 128, 256, 512]
 _E.mlp_ratios = [3, 3, 3, 3]
 _E.param_size = 'tiny'                   # agent constants per width: 'tiny', 'small' or 'base'
+_E.drop_rate = 0.0                       # dropout before the classifier
 _E.drop_path_rate = 0.0
 _E.n_win = 7                             # regions per side
 _E.topks = [4, 8, 16, -2]                # per stage: which two attentions each block has

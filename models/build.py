@@ -19,11 +19,10 @@ def dat_kwargs(config) -> dict:
 
 
 def debiformer_kwargs(config) -> dict:
-    """DeBiFormer constructor keywords from ``MODEL.DEBI`` plus classes, head dropout and kernels."""
+    """DeBiFormer constructor keywords from ``MODEL.DEBI`` plus classes and kernels."""
     kwargs = {key: (list(value) if isinstance(value, (list, tuple)) else value)
               for key, value in config.MODEL.DEBI.items()}
-    kwargs.update(num_classes=config.MODEL.NUM_CLASSES, drop_rate=config.MODEL.DROP_RATE,
-                  attn_impl=config.MODEL.ATTN_IMPL)
+    kwargs.update(num_classes=config.MODEL.NUM_CLASSES, attn_impl=config.MODEL.ATTN_IMPL)
     return kwargs
 
 

@@ -585,7 +585,7 @@ def test_model_config_mismatch_in_arithmetic_is_refused():
         check_model_config(spec, _cfg(), 'checkpoint a.pth')
     # regularisation, the class count and the input size do not change the arithmetic
     check_model_config({'model_config': model_config(_cfg('MODEL.DAT.drop_path_rate', '0.3', 'MODEL.DAT.img_size', '384',
-                                                           'MODEL.DAT.num_classes', '10', 'MODEL.DROP_PATH_RATE', '0.5'))},
+                                                           'MODEL.DAT.num_classes', '10'))},
                        _cfg(), 'x')
     check_model_config({'model': {}}, _cfg(), 'x')           # a release file without a config: nothing to compare
 
