@@ -90,6 +90,46 @@ _D.log_cpb = [False] * 4
 _D.deform_arith = 'pp'
 del _D
 
+# MODEL.TYPE 'vitaev2_vsa': keyword arguments of the official ViTAE_VSA_basic constructor, with
+# its defaults written out per stage (vsa_facts.md section 1); norm_layer stays LayerNorm(eps 1e-6).
+_C.MODEL.VSA = CN()
+_V = _C.MODEL.VSA
+_V.img_size = 224
+_V.in_chans = 3
+_V.stages = 4
+_V.embed_dims = [64, 64, 64, 64]
+_V.wide_pcm = True
+_V.token_dims = [64, 128, 256, 512]
+_V.downsample_ratios = [4, 2, 2, 2]
+_V.kernel_size = [7, 3, 3, 3]
+_V.RC_heads = [1, 1, 1, 1]
+_V.NC_heads = [4, 4, 4, 4]
+_V.dilations = [[1, 2, 3, 4], [1, 2, 3], [1, 2], [1, 2]]
+_V.RC_op = 'cat'
+_V.RC_tokens_type = ['VSA'] * 4
+_V.NC_tokens_type = ['VSA'] * 4
+_V.RC_group = [1, 1, 1, 1]
+_V.NC_group = [1, 32, 64, 64]
+_V.NC_depth = [2, 2, 6, 2]
+_V.mlp_ratio = 4.0
+_V.qkv_bias = True              # no effect in VSA models (official)
+_V.qk_scale = None              # no effect
+_V.drop_rate = 0.0
+_V.attn_drop_rate = 0.0         # no effect
+_V.drop_path_rate = 0.0
+_V.num_classes = 1000
+_V.window_size = 7
+_V.relative_pos = False         # no effect (the bias is always on)
+_V.cpe = False
+_V.num_deform = None            # unused
+del _V
+
+# MODEL.TYPE 'timm': any timm architecture, timm.create_model(NAME, num_classes=MODEL.NUM_CLASSES,
+# drop_rate=MODEL.DROP_RATE, drop_path_rate=MODEL.DROP_PATH_RATE, **KWARGS); KWARGS win.
+_C.MODEL.TIMM = CN()
+_C.MODEL.TIMM.NAME = ''
+_C.MODEL.TIMM.KWARGS = CN(new_allowed=True)
+
 # ----------------------------------------------------------------------------- training
 _C.TRAIN = CN()
 _C.TRAIN.START_EPOCH = 0

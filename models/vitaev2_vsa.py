@@ -21,6 +21,7 @@ returns NaN, raise a ``ValueError`` naming the smallest valid size. Inputs need 
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -68,6 +69,7 @@ def _stride_split(ratio: int) -> Tuple[int, int, int]:
     return strides[0], strides[1], strides[2]
 
 
+@functools.lru_cache(maxsize=64)
 def reference_grid(hp: int, wp: int, window_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """The official float32 window grid of a ``hp x wp`` (padded) map, built on the CPU.
 
@@ -75,7 +77,7 @@ def reference_grid(hp: int, wp: int, window_size: int) -> Tuple[torch.Tensor, to
     channel 1 = y in ``align_corners=True`` coordinates: ``rel`` holds the pixel offsets from the
     window centre, ``base`` the window's own pixels (centre + rel). The centres come from
     ``avg_pool2d`` of a ``linspace`` map and everything stays float32, as in the official code;
-    the logits depend on these exact values at the 1e-7 level.
+    the logits depend on these exact values at the 1e-7 level. Cached: callers must not modify them.
     """
     ws = window_size
     nh, nw = hp // ws, wp // ws
@@ -162,7 +164,8 @@ class VSAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * ws - 1) ** 2, n, **dd))
         self.register_buffer('relative_position_index', _relative_position_index(ws, device=device))
-        trunc_normal_(self.relative_position_bias_table, std=.02)
+        if not self.relative_position_bias_table.is_meta:
+            trunc_normal_(self.relative_position_bias_table, std=.02)
 
         # The official float32 grid of the build size: follows the module's device, never its
         # dtype (see _apply); other input sizes build theirs on the fly.
@@ -469,7 +472,7 @@ class ViTAEv2VSA(nn.Module):
         self.drop_rate = drop_rate
 
         # Official drop-path slicing: stage i starts at NC_depth[i-1] (not the cumulative depth).
-        dpr = torch.linspace(0, drop_path_rate, sum(NC_depth)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(NC_depth), device='cpu').tolist()
         size = self.img_size
         self.layers = nn.ModuleList()
         for i in range(n):
@@ -492,6 +495,8 @@ class ViTAEv2VSA(nn.Module):
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         # Official: Linear and LayerNorm only; every conv keeps PyTorch's default init.
+        if any(p.is_meta for p in m.parameters(recurse=False)):
+            return                           # nothing to initialise (and slow on meta)
         if isinstance(m, nn.Linear):
             trunc_normal_(m.weight, std=.02)
             if m.bias is not None:
