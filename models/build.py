@@ -26,12 +26,13 @@ def _plain(node) -> dict:
 def create_timm_model(config) -> nn.Module:
     """``MODEL.TYPE: timm``: ``timm.create_model(MODEL.TIMM.NAME)`` with the run's classes and drop
     rates (None leaves the model's default), overridden by ``MODEL.TIMM.KWARGS``."""
+    import difflib
     import timm
     name = config.MODEL.TIMM.NAME
     if not name or not timm.is_model(name):
-        close = timm.list_models(f'*{name}*')[:5] if name else []
-        raise ValueError(f"MODEL.TIMM.NAME {name!r} is not a timm model" + (f"; close: {', '.join(close)}" if close
-                         else "; see timm.list_models()"))
+        close = difflib.get_close_matches(name, timm.list_models(), n=3) if name else []
+        raise ValueError(f"MODEL.TIMM.NAME {name!r} is not a timm model; " + (
+            f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"))
     kwargs = dict(num_classes=config.MODEL.NUM_CLASSES, drop_rate=config.MODEL.DROP_RATE,
                   drop_path_rate=config.MODEL.DROP_PATH_RATE)
     kwargs.update(_plain(config.MODEL.TIMM.KWARGS))
