@@ -19,8 +19,6 @@ accepted and gives exactly what the official model built for that size gives (no
 reference grids depends on the size). Smaller or odd sizes, where the official model fails or
 returns NaN, raise a ``ValueError`` naming the smallest valid size. Inputs need not be square.
 """
-from __future__ import annotations
-
 import functools
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -30,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import (build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function,
+                         register_notrace_module)
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
@@ -118,7 +117,18 @@ def _padded(size: int, window_size: int) -> int:
     return size + (window_size - size % window_size) % window_size
 
 
+@register_notrace_function
+def check_input_size(x: torch.Tensor, unit: int, window_size: int) -> None:
+    """Raise a one-line ``ValueError`` for an input the official arithmetic cannot take: sides must be
+    multiples of the total reduction ``unit`` and give a last stage map of at least one window."""
+    h, w = x.shape[-2], x.shape[-1]
+    if h % unit or w % unit or h // unit < window_size or w // unit < window_size:
+        raise ValueError(f'ViTAEv2-VSA takes inputs whose sides are multiples of {unit} and at least '
+                         f'{unit * window_size} (window_size {window_size} on the last stage map); got {h}x{w}')
+
+
 # ----------------------------------------------------------------------------- attention
+@register_notrace_module    # FX: a leaf (its shapes drive padding and window counts)
 class VSAttention(nn.Module):
     """Varied-size window attention from ``dim`` to ``out_dim`` channels on a token map.
 
@@ -181,6 +191,7 @@ class VSAttention(nn.Module):
             self.rel_grid = self.rel_grid.to(device)
         return self
 
+    @torch.jit.ignore
     def _grids(self, h: int, w: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         if (h, w) == self.grid_size:
             base, rel = self.base_grid, self.rel_grid
@@ -230,7 +241,8 @@ class VSAttention(nn.Module):
                                 align_corners=True).to(kv.dtype)
 
         q = self._windows(q, b, nh, nw)
-        k, v = self._windows(sampled, b, nh, nw).split(c, dim=-1)
+        kv = self._windows(sampled, b, nh, nw)
+        k, v = kv[..., :c], kv[..., c:]
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         bias = bias.view(ws * ws, ws * ws, n).permute(2, 0, 1).unsqueeze(0)
         if use_fused(self.attn_impl, q):
@@ -259,7 +271,10 @@ class PyramidReduction(nn.Module):
                 nn.Conv2d(in_dim, embed_dim, kernel_size, ratio, pad, d, **dd), nn.GELU()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([conv(x) for conv in self.convs], dim=1)
+        branches = []
+        for conv in self.convs:
+            branches.append(conv(x))
+        return torch.cat(branches, dim=1)
 
 
 def _pcm(in_dim: int, mid1: int, mid2: int, out_dim: int, strides: Tuple[int, int, int], groups: int,
@@ -539,15 +554,9 @@ class ViTAEv2VSA(nn.Module):
             self._init_weights(self.head)
         else:
             self.head = nn.Identity()
+        self.head.train(self.training)
 
     # -- forward ---------------------------------------------------------------
-    def check_input_size(self, h: int, w: int) -> None:
-        """Raise a one-line ``ValueError`` for an input the official arithmetic cannot take."""
-        unit, ws = self.reductions[-1], self.window_size
-        if h % unit or w % unit or h // unit < ws or w // unit < ws:
-            raise ValueError(f'ViTAEv2-VSA takes inputs whose sides are multiples of {unit} and at least '
-                             f'{unit * ws} (window_size {ws} on the last stage map); got {h}x{w}')
-
     def forward_intermediates(
             self,
             x: torch.Tensor,
@@ -561,7 +570,7 @@ class ViTAEv2VSA(nn.Module):
         has no norm, so ``norm`` changes nothing. ``indices``: None (all), last n, or a list."""
         if output_fmt != 'NCHW':
             raise ValueError(f"ViTAEv2-VSA returns NCHW stage maps; got output_fmt={output_fmt!r}")
-        self.check_input_size(x.shape[-2], x.shape[-1])
+        check_input_size(x, self.reductions[-1], self.window_size)
         take, max_index = feature_take_indices(len(self.layers), indices)
         stages = self.layers[:max_index + 1] if stop_early else self.layers
         intermediates = []
@@ -584,7 +593,7 @@ class ViTAEv2VSA(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage map ``(B, C, H/32, W/32)`` (there is no final norm)."""
-        self.check_input_size(x.shape[-2], x.shape[-1])
+        check_input_size(x, self.reductions[-1], self.window_size)
         for stage in self.layers:
             x = stage(x)
         return x

@@ -313,3 +313,29 @@ def test_trains_and_evaluates_through_main(tmp_path: Path, tiny_data: str) -> No
     assert run.accuracies(), run.stdout[-2000:]
     ckpt = load_ckpt(tmp_path / MODEL_NAME / 'vsa' / 'ckpt_epoch_0.pth')
     assert 'layers.0.RC.attn.sampling_offsets.2.weight' in ckpt['model'] and 'ema' in ckpt
+
+
+# ----------------------------------------------------------------------------- FLOPs
+def test_flops_count_window_attention_and_sampling() -> None:
+    """tools/flops.py: per VSA module, 4 taps per resampled key/value channel, and q.k + attn.v as
+    matmuls (2 * Hp*Wp * ws^2 * out_dim), next to the linears; exact for a padded layout."""
+    from tools.flops import count_flops
+    model = small(window_size=3, img_size=128)         # maps 32/16/8/4 -> padded 33/18/9/6
+    sizes, linear = {}, 0
+    for name, module in model.named_modules():
+        if isinstance(module, VSAttention):
+            stage = int(name.split('.')[1])
+            sizes[name] = (128 // 2 ** (stage + 2), module)
+    for stage, layer in enumerate(model.layers):
+        tokens = (128 // 2 ** (stage + 2)) ** 2
+        linear += sum(tokens * m.in_features * m.out_features for m in layer.modules()
+                      if isinstance(m, torch.nn.Linear))
+    linear += model.head.in_features * model.head.out_features
+    sampling = attention = 0
+    for side, attn in sizes.values():
+        padded = -(-side // 3) * 3
+        sampling += 4 * 2 * attn.out_dim * padded ** 2
+        attention += 2 * padded ** 2 * 9 * attn.out_dim
+    result = count_flops(model, 128)
+    assert result['macs_by_kind']['grid_sample'] == sampling
+    assert result['macs_by_kind']['matmul'] == linear + attention
