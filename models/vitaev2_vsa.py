@@ -121,6 +121,8 @@ def _padded(size: int, window_size: int) -> int:
 def check_input_size(x: torch.Tensor, unit: int, window_size: int) -> None:
     """Raise a one-line ``ValueError`` for an input the official arithmetic cannot take: sides must be
     multiples of the total reduction ``unit`` and give a last stage map of at least one window."""
+    if x.dim() != 4:
+        raise ValueError(f'ViTAEv2-VSA takes image batches (B, C, H, W); got a {x.dim()}-D input')
     h, w = x.shape[-2], x.shape[-1]
     if h % unit or w % unit or h // unit < window_size or w // unit < window_size:
         raise ValueError(f'ViTAEv2-VSA takes inputs whose sides are multiples of {unit} and at least '

@@ -134,6 +134,13 @@ def test_config_builds_the_registered_variant(name: str) -> None:
     for key, value in VSA_VARIANTS[name].items():
         assert config.MODEL.VSA[key] == value, key
     assert config.DATA.IMG_SIZE == config.MODEL.VSA.img_size == VSA_VARIANTS[name].get('img_size', 224)
+    # the official recipe (vsa_facts.md section 12); learning rates per 512 images at batch 1024
+    t = config.TRAIN
+    assert (t.EPOCHS, t.WARMUP_EPOCHS, t.BASE_LR, t.WARMUP_LR, t.MIN_LR) == (300, 10, 5e-4, 5e-7, 5e-6)
+    assert (t.CLIP_GRAD, t.EMA.ENABLE, t.EMA.DECAY, config.SEED) == (0.0, True, 0.99992, 42)
+    recipe = {'vitaev2_vsa_s': (0.05, 0.1, 128), 'vitaev2_vsa_widepcm_48m': (0.055, 0.25, 64)}
+    if name in recipe:
+        assert (t.WEIGHT_DECAY, config.MODEL.VSA.drop_path_rate, config.DATA.BATCH_SIZE) == recipe[name]
 
 
 def test_drop_path_follows_the_official_slicing() -> None:
