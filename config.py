@@ -111,6 +111,48 @@ _E.before_attn_dwconv = 3
 _E.auto_pad = False                      # zero-pad maps to multiples of n_win (any input size)
 del _E
 
+# MODEL.TYPE 'vitaev2_vsa': keyword arguments of the official ViTAE_VSA_basic constructor, with
+# its defaults written out per stage (vsa_facts.md section 1); norm_layer stays LayerNorm(eps 1e-6).
+_C.MODEL.VSA = CN()
+_V = _C.MODEL.VSA
+_V.img_size = 224
+_V.in_chans = 3
+_V.stages = 4
+_V.embed_dims = [64, 64, 64, 64]
+_V.wide_pcm = True
+_V.token_dims = [64, 128, 256, 512]
+_V.downsample_ratios = [4, 2, 2, 2]
+_V.kernel_size = [7, 3, 3, 3]
+_V.RC_heads = [1, 1, 1, 1]
+_V.NC_heads = [4, 4, 4, 4]
+_V.dilations = [[1, 2, 3, 4], [1, 2, 3], [1, 2], [1, 2]]
+_V.RC_op = 'cat'
+_V.RC_tokens_type = ['VSA'] * 4
+_V.NC_tokens_type = ['VSA'] * 4
+_V.RC_group = [1, 1, 1, 1]
+_V.NC_group = [1, 32, 64, 64]
+_V.NC_depth = [2, 2, 6, 2]
+_V.mlp_ratio = 4.0
+_V.qkv_bias = True              # no effect in VSA models (official)
+_V.qk_scale = None              # no effect
+_V.drop_rate = 0.0
+_V.attn_drop_rate = 0.0         # no effect
+_V.drop_path_rate = 0.0
+_V.num_classes = 1000
+_V.window_size = 7
+_V.relative_pos = False         # no effect (the bias is always on)
+_V.cpe = False
+_V.num_deform = None            # unused
+del _V
+
+# MODEL.TYPE 'timm': any timm architecture, timm.create_model(NAME, num_classes=MODEL.NUM_CLASSES,
+# drop_rate=DROP_RATE, drop_path_rate=DROP_PATH_RATE, **KWARGS); KWARGS win, None leaves timm's default.
+_C.MODEL.TIMM = CN()
+_C.MODEL.TIMM.NAME = ''
+_C.MODEL.TIMM.DROP_RATE = 0.0
+_C.MODEL.TIMM.DROP_PATH_RATE = 0.0
+_C.MODEL.TIMM.KWARGS = CN(new_allowed=True)
+
 # ----------------------------------------------------------------------------- training
 _C.TRAIN = CN()
 _C.TRAIN.START_EPOCH = 0
@@ -307,7 +349,8 @@ _ANY_CASE = ('TRAIN.OPTIMIZER.NAME', 'TRAIN.LR_SCHEDULER.NAME', 'DATA.DATASET')
 
 # Pairs of keys that hold one value: setting either sets both (the later source wins); one
 # source giving both with different values is an error.
-ALIASES: Tuple[Tuple[str, str], ...] = (('MODEL.NUM_CLASSES', 'MODEL.DAT.num_classes'),)
+ALIASES: Tuple[Tuple[str, str], ...] = (('MODEL.NUM_CLASSES', 'MODEL.DAT.num_classes'),
+                                        ('MODEL.NUM_CLASSES', 'MODEL.VSA.num_classes'))
 
 # Keys the official (Swin-derived) config declared but the DAT model never read.
 _MOVED = {'MODEL.DROP_RATE': 'MODEL.DAT.drop_rate', 'MODEL.DROP_PATH_RATE': 'MODEL.DAT.drop_path_rate'}
@@ -352,7 +395,9 @@ def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
 
 def _unknown_key(key: str, node: CN, source: str) -> ConfigError:
     if key in _MOVED:
-        return ConfigError(f"{source}: config key '{key}' is not used by DAT; set '{_MOVED[key]}' instead")
+        leaf = key.rpartition('.')[2]
+        return ConfigError(f"{source}: config key '{key}' is not used by DAT; set '{_MOVED[key]}' instead "
+                           f"(other families: MODEL.VSA.{leaf.lower()}, MODEL.DEBI.{leaf.lower()}, MODEL.TIMM.{leaf})")
     parent, _, leaf = key.rpartition('.')
     close = difflib.get_close_matches(leaf, list(node.keys()), n=1)
     hint = f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ''
@@ -398,7 +443,8 @@ def _set(config: CN, key: str, value: Any) -> None:
 
 def _apply(config: CN, given: Dict[str, Any], source: str, sources: Optional[Sources]) -> None:
     """Record where the keys of one source came from and keep aliased keys equal."""
-    for a, b in ALIASES:
+    # Twice, so that a value given through one alias of MODEL.NUM_CLASSES reaches all the others.
+    for a, b in ALIASES + ALIASES:
         if a in given and b in given and given[a] != given[b]:
             raise ConfigError(f"{source}: {a} is {given[a]!r} but {b} is {given[b]!r}; they are the "
                               f"same setting: give one of them (the other follows) or both equal")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Parameters and FLOPs of DAT models, counted as multiply-accumulates (MACs) like the papers.
+"""Parameters and FLOPs of DAT (and every other configured) model, counted as multiply-accumulates (MACs) like the papers.
 
     python tools/flops.py --cfg configs/dat_tiny.yaml                  # at DATA.IMG_SIZE
     python tools/flops.py --cfg configs/dat_base.yaml --img-size 384
@@ -13,8 +13,12 @@ of it this tool counts what that counter cannot see:
   ``q.k`` and as many for ``attn.v``, i.e. ``2 * B * heads * H * W * K*K * c`` MACs (on the
   map padded to at least ``K``, as the block computes it). The op itself is replaced by a
   shape-only stand-in while counting, so whatever kernel runs it is not counted twice.
-* bilinear sampling (``grid_sample``: deformable keys and the interpolated position table):
-  4 MACs per sampled value (4 taps; 1 for nearest, 16 for bicubic).
+* bilinear sampling (``grid_sample``: deformable keys and the interpolated position table,
+  and the resampled keys and values of ViTAEv2-VSA's varied-size windows): 4 MACs per sampled
+  value (4 taps; 1 for nearest, 16 for bicubic).
+
+Window attention (``q.k`` and ``attn.v`` of VSA, DaViT and the others) runs as matmuls and is
+counted by the counter itself.
 
 DeBiFormer's routed and agent attentions are plain matmuls (counted as such); its agent sampling
 and sampled position bias are ``grid_sample`` calls (counted as above).
@@ -53,6 +57,9 @@ PAPER_GMACS: Dict[Tuple[str, int], float] = {
     ('debiformer_tiny', 224): 2.6,   # DeBiFormer release README (maclong01/DeBiFormer)
     ('debiformer_small', 224): 5.4,
     ('debiformer_base', 224): 11.8,
+    ('davit_tiny', 224): 4.5,      # DaViT (ECCV 2022), official README
+    ('davit_small', 224): 8.8,
+    ('davit_base', 224): 15.5,
 }
 
 _SAMPLING_TAPS = {0: 4, 1: 1, 2: 16}   # grid_sample interpolation_mode: bilinear, nearest, bicubic
@@ -155,7 +162,7 @@ def format_table(rows: List[List[str]]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description='Parameters and GFLOPs (MACs) of DAT configs.')
+    parser = argparse.ArgumentParser(description='Parameters and GFLOPs (MACs) of model configs.')
     parser.add_argument('--cfg', nargs='+', required=True, help='YAML config file(s)')
     parser.add_argument('--img-size', type=int, nargs='+', default=None,
                         help='input size N (or H W); default: each config\'s DATA.IMG_SIZE')
