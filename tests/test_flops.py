@@ -95,6 +95,7 @@ def test_counting_leaves_the_model_alone() -> None:
     assert any(isinstance(m, DAttention) for m in model.modules())
 
 
+@pytest.mark.slow
 def test_command_line_prints_table() -> None:
     run = subprocess.run([sys.executable, str(ROOT / 'tools' / 'flops.py'), '--cfg', 'configs/dat_tiny.yaml',
                           'configs/demo.yaml', '--img-size', '224'],

@@ -148,6 +148,7 @@ def test_ema_weights_are_used_on_request(files) -> None:
     assert not torch.equal(plain.patch_proj[0].weight, ema.patch_proj[0].weight)
 
 
+@pytest.mark.slow
 def test_command_line(files, tmp_path) -> None:
     out = tmp_path / 'cli'
     cmd = [sys.executable, str(ROOT / 'tools' / 'visualize.py'), '--cfg', CFG, '--ckpt', files['ckpt'],
