@@ -225,7 +225,6 @@ _C.DETERMINISTIC = False          # deterministic kernels and single-threaded da
 _C.TENSORBOARD = True
 _C.EVAL_MODE = False
 _C.THROUGHPUT_MODE = False
-_C.LOCAL_RANK = 0
 
 
 # ----------------------------------------------------------------------------- valid values
@@ -328,7 +327,6 @@ RANGES: Dict[str, _Range] = {
     'SAVE_FREQ': _POSITIVE_INT,
     'PRINT_FREQ': _POSITIVE_INT,
     'SEED': _NON_NEGATIVE,
-    'LOCAL_RANK': _Range(-1),
 }
 
 CHOICES: Dict[str, Tuple[str, ...]] = {
@@ -561,7 +559,7 @@ def load_config(cfg_file: Optional[str] = None, opts: Iterable[str] = (), **over
 # Command-line flags of main.py and the key each sets (flags left out, i.e. None, change nothing).
 _FLAGS = (('batch_size', 'DATA.BATCH_SIZE'), ('data_path', 'DATA.DATA_PATH'), ('resume', 'MODEL.RESUME'),
           ('pretrained', 'MODEL.PRETRAINED'), ('amp_dtype', 'AMP_DTYPE'), ('print_freq', 'PRINT_FREQ'),
-          ('output', 'OUTPUT'), ('tag', 'TAG'), ('local_rank', 'LOCAL_RANK'))
+          ('output', 'OUTPUT'), ('tag', 'TAG'))
 _SWITCHES = (('amp', 'AMP'), ('use_checkpoint', 'TRAIN.USE_CHECKPOINT'), ('eval', 'EVAL_MODE'),
              ('throughput', 'THROUGHPUT_MODE'))
 

@@ -102,9 +102,7 @@ class Trainer:
         self.mixup_fn = None
         if with_data:
             (self.dataset_train, self.dataset_val, self.loader_train, self.loader_val,
-             self.mixup_fn) = build_loader(config)
-            for loader in (self.loader_train, self.loader_val):
-                loader.worker_init_fn = ignore_stop_signals
+             self.mixup_fn) = build_loader(config, device=self.device, worker_init_fn=ignore_stop_signals)
             logger.info("data: %d train / %d val images, %d classes, %d train iterations per epoch",
                         len(self.dataset_train), len(self.dataset_val), len(self.dataset_val.classes),
                         len(self.loader_train))

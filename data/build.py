@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
 from PIL import Image, ImageOps
@@ -206,8 +206,12 @@ def _pin_memory(config: Any) -> bool:
     return bool(config.DATA.PIN_MEMORY) and torch.cuda.is_available()
 
 
-def build_loader(config: Any, device: Union[str, torch.device, None] = None):
+def build_loader(config: Any, device: Union[str, torch.device, None] = None,
+                 worker_init_fn: Optional[Callable[[int], None]] = None):
     """``(dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn)``.
+
+    ``worker_init_fn`` runs in every loader worker process (the training side passes one that
+    leaves stop signals to the main process).
 
     Works with and without an initialised process group. See the module docstring for what
     the loaders yield and how to resume. With ``DATA.DEVICE_NORMALIZE`` the workers ship uint8
@@ -241,7 +245,7 @@ def build_loader(config: Any, device: Union[str, torch.device, None] = None):
 
     collate = SkipBadCollate(image_size=int(config.DATA.IMG_SIZE))
     common = dict(num_workers=int(config.DATA.NUM_WORKERS), pin_memory=_pin_memory(config),
-                  collate_fn=collate)
+                  collate_fn=collate, worker_init_fn=worker_init_fn)
     data_loader_train = SafeDataLoader(
         dataset_train, sampler=sampler_train, batch_size=batch_size, drop_last=True,
         generator=torch.Generator(), seed=int(config.SEED) + rank, **common)

@@ -620,3 +620,16 @@ def test_build_loader_under_a_real_process_group(demo_root, tmp_path):
     assert all(r['seen'] == [20, 0] for r in results)   # all-reduced counts see every image once
     train = [i for r in results for i in r['train']]
     assert sorted(train) == list(range(48)) and len(results[0]['train']) == 24
+
+
+@pytest.mark.parametrize('device_normalize', [False, True])
+def test_worker_init_fn_reaches_the_worker_processes_loaders(demo_root, device_normalize):
+    """The stop-signal guard must be installed on the DataLoaders themselves, also when they are
+    wrapped for normalising on the device."""
+    def init(worker_id: int) -> None:
+        pass
+
+    loaders = build_loader(_demo_cfg(demo_root, DATA__DEVICE_NORMALIZE=device_normalize), worker_init_fn=init)[2:4]
+    for loader in loaders:
+        inner = getattr(loader, 'loader', loader)
+        assert inner.worker_init_fn is init

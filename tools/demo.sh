@@ -13,4 +13,4 @@ OUT=${DEMO_OUTPUT:-output}
 python -m data.demo --out "$DATA" --train-per-class 256 --val-per-class 32   # what configs/demo.yaml is tuned for
 python main.py --cfg configs/demo.yaml --data-path "$DATA" --output "$OUT" --tag demo "$@"
 python main.py --cfg configs/demo.yaml --data-path "$DATA" --output "$OUT" --tag demo-eval \
-    --eval --resume "$OUT/dat_demo/demo/best.pth"
+    --eval --resume "$OUT/dat_demo/demo/best.pth" "$@"
