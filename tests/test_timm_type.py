@@ -144,7 +144,7 @@ def test_davit_config_trains_and_resumes_through_train_sh(tmp_path: Path, tiny_d
 
     straight = train('straight')
     log = straight.log()
-    assert 'creating model timm/davit_tiny' in log and 'AMP float16 needs CUDA' in log
+    assert 'creating model timm/davit_tiny' in log
     (tmp_path / 'davit_tiny' / 'resumed').mkdir()
     shutil.copy(straight.output / 'ckpt_epoch_0.pth', tmp_path / 'davit_tiny' / 'resumed')
     resumed = train('resumed')
