@@ -73,8 +73,7 @@ class _AxisTables(NamedTuple):
     rel: Tensor      # (tiles, tile, halo) bias-table row of (query slot, halo slot); 2K - 1 outside the window
 
 
-def _axis_tables(length: int, kernel_size: int, device: torch.device) -> _AxisTables:
-    tile = tile_size(length, kernel_size)
+def _axis_tables(length: int, kernel_size: int, tile: int, device: torch.device) -> _AxisTables:
     tiles = -(-length // tile)
     halo = min(tile + kernel_size - 1, length)
     # Queries past the end of the map (the overhang of the last tile) borrow the last query's
@@ -103,8 +102,10 @@ class _Geometry(NamedTuple):
     bias: Tensor          # (tiles * tile_tokens * halo_tokens,) index into the (2K)^2 padded bias table
 
 
-def _build_geometry(height: int, width: int, kernel_size: int, device: torch.device) -> _Geometry:
-    y, x = _axis_tables(height, kernel_size, device), _axis_tables(width, kernel_size, device)
+def _build_geometry(height: int, width: int, kernel_size: int, tile_y: int, tile_x: int,
+                    device: torch.device) -> _Geometry:
+    y = _axis_tables(height, kernel_size, tile_y, device)
+    x = _axis_tables(width, kernel_size, tile_x, device)
     # Axis order of every table: (ty, tx, slot_y, slot_x[, halo_y, halo_x]).
     query = (y.query[:, None, :, None] * width + x.query[None, :, None, :]).flatten()
     keys = (y.keys[:, None, :, None] * width + x.keys[None, :, None, :]).flatten()
@@ -117,21 +118,22 @@ def _build_geometry(height: int, width: int, kernel_size: int, device: torch.dev
     return _Geometry(y.tiles * x.tiles, y.tile * x.tile, y.halo * x.halo, single, query, keys, out, bias)
 
 
-_GEOMETRY: Dict[Tuple[int, int, int, int, str], _Geometry] = {}
+_GEOMETRY: Dict[Tuple[int, int, int, int, int, str], _Geometry] = {}
 
 
 def _geometry(height: int, width: int, kernel_size: int, device: torch.device) -> _Geometry:
     """Tables for one ``(H, W, K)``, built once per device in eager mode. Under
     ``torch.compile`` they are traced ``arange`` arithmetic instead: a Python cache would be a
     graph break."""
+    tile_y, tile_x = tile_size(height, kernel_size), tile_size(width, kernel_size)
     if torch.compiler.is_compiling():
-        return _build_geometry(height, width, kernel_size, device)
-    key = (height, width, kernel_size, TILE, str(device))
+        return _build_geometry(height, width, kernel_size, tile_y, tile_x, device)
+    key = (height, width, kernel_size, tile_y, tile_x, str(device))
     geometry = _GEOMETRY.get(key)
     if geometry is None:
         # Cached tensors must be ordinary tensors even when first built under inference_mode.
         with torch.inference_mode(False), torch.no_grad():
-            geometry = _GEOMETRY[key] = _build_geometry(height, width, kernel_size, device)
+            geometry = _GEOMETRY[key] = _build_geometry(height, width, kernel_size, tile_y, tile_x, device)
     return geometry
 
 
