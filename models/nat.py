@@ -17,13 +17,16 @@ a loop over the ``K * K`` window offsets, with memory ``O(B * heads * H * W * (T
 A map no larger than about two tiles per axis is a single tile: dense attention with the
 neighbourhood as a mask.
 
-Kernels (``attn_impl``, resolved per call with :func:`models.attention_impl.use_fused`):
+Kernels (:func:`kernel_for`; ``attn_impl`` resolved per call with
+:func:`models.attention_impl.use_fused`):
 
-* ``'reference'``: the tiles through ``matmul`` / ``softmax``; any device and dtype
-  (float64 included), autograd.
-* ``'fused'``: the same tiles through ``scaled_dot_product_attention`` on any device; on CUDA,
-  maps above :data:`FLEX_MIN_TOKENS` tokens use flex attention with a block mask instead, where
-  the dense halo would waste most of its scores (see :func:`kernel_for`).
+* ``'tiled'``, the reference: the tiles through ``matmul`` / ``softmax`` with a written-out
+  backward; any device and dtype (float64 included). ``'fused'`` also runs it on CPU, where it
+  is the fastest exact kernel.
+* ``'sdpa'``: the same tiles through ``scaled_dot_product_attention``: ``'fused'`` on CUDA for
+  maps below :data:`FLEX_MIN_TOKENS` tokens.
+* ``'flex'``: flex attention with a block mask for the windows and the bias as ``score_mod``:
+  ``'fused'`` on CUDA for larger maps, where it skips the masked blocks.
 
 The geometry (key halos and bias-table indices) depends only on ``(H, W, K)`` and is built once
 per shape and device; under ``torch.compile`` it is traced into the graph instead (a few
@@ -46,13 +49,15 @@ except ImportError:  # pragma: no cover - depends on the installed torch
 
 __all__ = ['neighborhood_attention', 'kernel_for', 'tile_size', 'NeighborhoodAttention2D']
 
-# Query tile side for large maps. Cost per query grows with the halo (T + K - 1)^2 and the
-# per-tile overhead with 1 / T^2; measured on CPU (fp32, forward + backward, K = 7, 56 x 56,
-# c = 32) T = 8 was fastest. An axis of length <= 2 * T is one tile (dense along that axis).
-TILE = 4
-# On CUDA, 'fused' switches from SDPA over tiles to flex attention above this many tokens
-# (flex skips the masked blocks; a 14 x 14 map padded to flex's 128-token blocks would
-# compute several times the scores SDPA needs).
+# Query tile side for large maps. The scores per query grow with the halo (T + K - 1)^2 and the
+# halo copies with (T + K - 1)^2 / T^2; on CPU (fp32, forward + backward, K = 7, 56 x 56 and
+# 28 x 28, c = 32) T = 7 was fastest among 4, 7 and 8, and it divides DAT++'s map sides.
+TILE = 7
+# On CUDA, 'fused' runs flex attention from this many tokens on, and SDPA over the tiles below
+# (flex pads a map to 128-token blocks: at 14 x 14 it would compute several times the scores
+# SDPA needs). On CPU 'fused' runs the tiled matmul kernel: SDPA with a bias that needs a
+# gradient falls back to its unfused math there and measured 1.3-1.5x slower, forward and
+# backward alike.
 FLEX_MIN_TOKENS = 1024
 _FLEX_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -276,9 +281,9 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int, scale:
 def kernel_for(q: Tensor, attn_impl: str, dropout_p: float = 0.0) -> str:
     """The kernel that runs for ``q`` (B, heads, H, W, c): ``'tiled'`` (matmul / softmax,
     the reference), ``'sdpa'`` (the same tiles through SDPA) or ``'flex'``."""
-    if not use_fused(attn_impl, q):
+    if not use_fused(attn_impl, q) or not q.is_cuda:
         return 'tiled'
-    if (flex_attention is not None and q.is_cuda and q.dtype in _FLEX_DTYPES and dropout_p == 0
+    if (flex_attention is not None and q.dtype in _FLEX_DTYPES and dropout_p == 0
             and q.shape[2] * q.shape[3] >= FLEX_MIN_TOKENS):
         return 'flex'
     return 'sdpa'

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -94,7 +95,13 @@ def make_qkv(batch, heads, height, width, c, kernel, dtype=DT, device='cpu', see
 CASES = [(3, 13, 17), (3, 16, 9), (3, 3, 4), (5, 13, 17), (5, 16, 9), (5, 5, 5),
          (7, 7, 7), (7, 13, 17), (7, 23, 18), (9, 13, 17), (9, 9, 10), (11, 13, 17),
          (11, 12, 11), (13, 13, 17), (13, 13, 13), (13, 16, 14)]
-IMPLS = ('reference', 'fused')      # on CPU: the tiles through matmul/softmax, and through SDPA
+KERNELS = ('tiled', 'sdpa')          # the reference, and the same tiles through SDPA (any device)
+
+
+def attend(kernel, q, k, v, rpb, kernel_size, scale=None):
+    """The public op with ``kernel`` forced (on CPU 'fused' itself runs the tiled kernel)."""
+    with mock.patch.object(nat, 'kernel_for', lambda *args, **kwargs: kernel):
+        return neighborhood_attention(q, k, v, rpb, kernel_size, scale, attn_impl='fused')
 # Query tile sides: 2 cuts every map into several tiles (with an overhanging last tile
 # where the side does not divide the map), 64 makes every map one dense tile, None keeps the
 # size rule of the op.
@@ -117,12 +124,12 @@ def test_op_matches_brute_force(kernel, height, width, tile):
     grad_out = torch.randn(2, 2, height, width, 3, dtype=DT)
     expected = brute_attention(*inputs, kernel)
     expected_grads = torch.autograd.grad(expected, inputs, grad_out)
-    for impl in IMPLS:
-        out = neighborhood_attention(*inputs, kernel, attn_impl=impl)
+    for name in KERNELS:
+        out = attend(name, *inputs, kernel)
         assert out.shape == expected.shape and out.dtype == DT
-        assert rel_err(out, expected) < 1e-13, impl
+        assert rel_err(out, expected) < 1e-13, name
         for which, got, want in zip('q k v rpb'.split(), torch.autograd.grad(out, inputs, grad_out), expected_grads):
-            assert rel_err(got, want) < 1e-12, f'{impl}: d{which}'
+            assert rel_err(got, want) < 1e-12, f'{name}: d{which}'
 
 
 def test_windows_shift_inwards_at_borders():
@@ -131,8 +138,8 @@ def test_windows_shift_inwards_at_borders():
     q, k, v, rpb = make_qkv(1, 1, height, width, 4, kernel)
     q = torch.zeros_like(q)                      # uniform attention over the window
     rpb = torch.zeros_like(rpb)
-    for impl in IMPLS:
-        out = neighborhood_attention(q, k, v, rpb, kernel, attn_impl=impl)
+    for name in KERNELS:
+        out = attend(name, q, k, v, rpb, kernel)
         torch.testing.assert_close(out[0, 0, 0, 0], v[0, 0, :kernel, :kernel].mean((0, 1)), rtol=1e-13, atol=1e-13)
         torch.testing.assert_close(out[0, 0, -1, 1], v[0, 0, -kernel:, :kernel].mean((0, 1)), rtol=1e-13, atol=1e-13)
         torch.testing.assert_close(out[0, 0, 4, 6], v[0, 0, 2:7, 4:9].mean((0, 1)), rtol=1e-13, atol=1e-13)
@@ -152,13 +159,13 @@ def test_bias_table_orientation():
 
 def test_explicit_scale_and_extreme_logits():
     q, k, v, rpb = make_qkv(1, 2, 8, 9, 4, 3)
-    for impl in IMPLS:
-        out = neighborhood_attention(q, k, v, rpb, 3, scale=0.3, attn_impl=impl)
+    for name in KERNELS:
+        out = attend(name, q, k, v, rpb, 3, scale=0.3)
         assert rel_err(out, brute_attention(q, k, v, rpb, 3, scale=0.3)) < 1e-13
         # Large logits (a peaked softmax) and an all-zero input stay finite and exact.
-        big = neighborhood_attention(q * 30, k, v, rpb * 30, 3, attn_impl=impl)
+        big = attend(name, q * 30, k, v, rpb * 30, 3)
         assert rel_err(big, brute_attention(q * 30, k, v, rpb * 30, 3)) < 1e-12
-        zero = neighborhood_attention(*(torch.zeros_like(t) for t in (q, k, v, rpb)), 3, attn_impl=impl)
+        zero = attend(name, *(torch.zeros_like(t) for t in (q, k, v, rpb)), 3)
         assert torch.equal(zero, torch.zeros_like(q))
 
 
@@ -167,10 +174,9 @@ def test_gradcheck_across_tiles(monkeypatch):
     overhang on both axes; every gradient is also compared with the brute force above."""
     monkeypatch.setattr(nat, 'tile_size', lambda length, kernel_size: min(2, length))
     inputs = make_qkv(1, 2, 5, 7, 2, 3, grad=True)
-    for impl in IMPLS:
-        assert torch.autograd.gradcheck(
-            lambda q, k, v, rpb: neighborhood_attention(q, k, v, rpb, 3, 0.7, attn_impl=impl), inputs,
-            fast_mode=True)
+    for name in KERNELS:
+        assert torch.autograd.gradcheck(lambda q, k, v, rpb: attend(name, q, k, v, rpb, 3, 0.7), inputs,
+                                        fast_mode=True)
 
 
 def test_float32_and_bfloat16_inputs():
@@ -179,23 +185,24 @@ def test_float32_and_bfloat16_inputs():
     expected = brute_attention(q, k, v, rpb, 5)
     for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
         low = [t.to(dtype) for t in (q, k, v)] + [rpb.float()]
-        for impl in IMPLS:
-            out = neighborhood_attention(*low, 5, attn_impl=impl)
+        for name in KERNELS:
+            out = attend(name, *low, 5)
             assert out.dtype == dtype
-            assert rel_err(out.double(), expected) < tol, (dtype, impl)
+            assert rel_err(out.double(), expected) < tol, (dtype, name)
 
 
 def test_geometry_is_built_once_per_shape():
     nat._GEOMETRY.clear()
-    q, k, v, rpb = make_qkv(1, 2, 20, 19, 4, 5)
+    q, k, v, rpb = make_qkv(1, 2, 21, 19, 4, 5)
     neighborhood_attention(q, k, v, rpb, 5, attn_impl='reference')
     (first,) = nat._GEOMETRY.values()
     neighborhood_attention(q, k, v, rpb, 5, attn_impl='fused')
     neighborhood_attention(q[:, :, :16], k[:, :, :16], v[:, :, :16], rpb, 5, attn_impl='reference')
     assert len(nat._GEOMETRY) == 2 and first in nat._GEOMETRY.values()
-    # Bounded memory: every tile holds T*T queries over a (T + K - 1)^2 halo.
-    t = nat.tile_size(20, 5)
-    assert t < 20 and 20 % t == 0 and first.tiles * first.tile_tokens == 400
+    # Bounded memory: T*T queries per tile (the last tiles overhang), each over a (T + K - 1)^2 halo.
+    t = nat.tile_size(21, 5)
+    assert t == nat.tile_size(19, 5) < 19
+    assert first.tiles * first.tile_tokens == (-(-21 // t) * t) * (-(-19 // t) * t)
     assert first.halo_tokens == (t + 4) ** 2
     with torch.inference_mode():      # tables first built under inference_mode are still usable with autograd
         nat._GEOMETRY.clear()
@@ -210,11 +217,13 @@ def test_geometry_is_built_once_per_shape():
 @pytest.mark.parametrize('kernel,height,width,qkv_bias', [
     (7, 3, 5, True), (5, 4, 9, True), (7, 7, 3, True), (3, 2, 2, False), (3, 1, 1, True),  # smaller than the kernel
     (3, 6, 5, True), (5, 9, 7, False), (7, 18, 15, True)])                                  # no padding needed
-@pytest.mark.parametrize('impl', IMPLS)
-def test_module_matches_brute_force(kernel, height, width, qkv_bias, impl):
+@pytest.mark.parametrize('impl', ['reference', 'fused', 'sdpa'])
+def test_module_matches_brute_force(kernel, height, width, qkv_bias, impl, monkeypatch):
+    if impl == 'sdpa':
+        monkeypatch.setattr(nat, 'kernel_for', lambda *args, **kwargs: 'sdpa')
     torch.manual_seed(kernel + height + width)
     module = NeighborhoodAttention2D(dim=8, num_heads=2, kernel_size=kernel, qkv_bias=qkv_bias,
-                                     attn_impl=impl).to(DT)
+                                     attn_impl='reference' if impl == 'reference' else 'fused').to(DT)
     if qkv_bias:  # a visible bias makes the padded keys/values matter
         torch.nn.init.normal_(module.qkv.bias)
     x = torch.randn(2, 8, height, width, dtype=DT, requires_grad=True)
@@ -259,12 +268,13 @@ def test_module_parameters():
         NeighborhoodAttention2D(8, 2, 3)                  # keyword-only
 
 
-@pytest.mark.parametrize('impl', IMPLS)
-def test_attention_dropout(impl):
+@pytest.mark.parametrize('kernel', KERNELS)
+def test_attention_dropout(kernel, monkeypatch):
+    monkeypatch.setattr(nat, 'kernel_for', lambda *args, **kwargs: kernel)
     torch.manual_seed(0)
-    module = NeighborhoodAttention2D(dim=8, num_heads=2, kernel_size=3, attn_drop=0.5, attn_impl=impl).to(DT)
+    module = NeighborhoodAttention2D(dim=8, num_heads=2, kernel_size=3, attn_drop=0.5).to(DT)
     x = torch.randn(2, 8, 6, 7, dtype=DT)
-    plain = NeighborhoodAttention2D(dim=8, num_heads=2, kernel_size=3, attn_impl=impl).to(DT)
+    plain = NeighborhoodAttention2D(dim=8, num_heads=2, kernel_size=3).to(DT)
     plain.load_state_dict(module.state_dict())
     module.eval()
     assert torch.equal(module(x), plain(x))               # eval: no dropout
@@ -304,7 +314,7 @@ def test_kernel_choice_on_cpu():
     q = torch.zeros(1, 2, 64, 64, 4)
     assert nat.kernel_for(q, 'reference') == 'tiled'
     assert nat.kernel_for(q, 'auto') == 'tiled'          # 'auto' is the reference off CUDA
-    assert nat.kernel_for(q, 'fused') == 'sdpa'          # flex attention's backward needs CUDA
+    assert nat.kernel_for(q, 'fused') == 'tiled'         # the fastest exact kernel on CPU
     q64 = torch.zeros(1, 2, 9, 8, 4, dtype=DT)
     assert torch.equal(neighborhood_attention(q64, q64, q64, torch.zeros(2, 5, 5, dtype=DT), 3),
                        neighborhood_attention(q64, q64, q64, torch.zeros(2, 5, 5, dtype=DT), 3,
@@ -324,14 +334,15 @@ def test_kernel_choice_on_cuda():
 
 # ----------------------------------------------------------------------------- compile, FX, TorchScript
 
-@pytest.mark.parametrize('impl', ['reference', pytest.param('fused', marks=pytest.mark.slow)])
-def test_compiles_without_graph_breaks(impl):
+@pytest.mark.parametrize('kernel', ['tiled', pytest.param('sdpa', marks=pytest.mark.slow)])
+def test_compiles_without_graph_breaks(kernel, monkeypatch):
     """The module compiles as one graph (fullgraph: a break raises), forward and backward."""
     from torch._dynamo.utils import counters
+    monkeypatch.setattr(nat, 'kernel_for', lambda *args, **kwargs: kernel)
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    module = NeighborhoodAttention2D(dim=8, num_heads=2, kernel_size=3, attn_impl=impl)
+    module = NeighborhoodAttention2D(dim=8, num_heads=2, kernel_size=3, attn_impl='fused')
     compiled = torch.compile(module, backend='eager', fullgraph=True)
     x = torch.randn(2, 8, 7, 9, requires_grad=True)
     out = compiled(x)
