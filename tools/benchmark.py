@@ -275,14 +275,16 @@ def redraw_position_tables(model: nn.Module, std: float, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 
-def kernel_names(variant: str, device: torch.device, img: int) -> Dict[str, str]:
-    """What each DAT attention op runs for this variant (neighborhood: per stage map side)."""
+def kernel_names(config, device: torch.device, img: int) -> Dict[str, str]:
+    """What each DAT attention op runs for this config; neighborhood attention per N-block map
+    (maps smaller than the kernel run padded to it)."""
     from models.nat import kernel_for
-    impl = variant.split('+')[0]
-    sides = [img // 4 // 2 ** i for i in range(4)]
-    na = {s: kernel_for(torch.empty(1, 1, s, s, 1, device=device), impl) for s in sides if s >= 1}
+    impl, dat = config.MODEL.ATTN_IMPL, config.MODEL.DAT
+    maps = sorted({max(img // 4 // 2 ** i, dat.nat_ksizes[i]) for i, spec in enumerate(dat.stage_spec)
+                   if 'N' in spec}, reverse=True)
+    na = {side: kernel_for(torch.empty(1, 1, side, side, 1, device=device), impl) for side in maps}
     return {'deformable': 'sdpa' if impl == 'fused' else 'reference',
-            'neighborhood': ', '.join(f'{s}x{s}: {k}' for s, k in na.items())}
+            'neighborhood': ', '.join(f'{side}x{side}: {name}' for side, name in na.items())}
 
 
 def forward_flops_per_image(model: nn.Module, img: int) -> Optional[float]:
@@ -414,11 +416,11 @@ def build_entries(size: str, args: argparse.Namespace, device: torch.device, dty
         impl = variant.split('+')[0]
         row = new_row(f'dat:{variant}', ref_config.MODEL.NAME)
         row.params_m, row.fwd_gflops_per_img = params_m, flops / 1e9 if flops else None
-        row.kernels = kernel_names(variant, device, img)
         entry = Entry(row)
         entries.append(entry)
         try:
             config = load_dat_config(size, args, impl)
+            row.kernels = kernel_names(config, device, img)
             model = build_model(config)
             model.load_state_dict(state)
             model.to(device)
@@ -473,18 +475,19 @@ def run_rounds(entries: List[Entry], args: argparse.Namespace, phase: str) -> No
     live = [e for e in entries if e.work is not None and e.row.error is None]
     threads = torch.get_num_threads()
     for r in range(args.rounds):
-        for i in range(len(live)):
-            entry = live[(i + r) % len(live)]
+        start = r % max(len(live), 1)
+        for entry in live[start:] + live[:start]:
+            if entry.work is None:           # failed earlier in this phase
+                continue
             step = entry.work.train_step if phase == 'train' else entry.work.infer_step
+            times = entry.train_times if phase == 'train' else entry.infer_times
             try:
                 for _ in range(args.steps_per_round):
                     wall, cpu = timed(step)
-                    (entry.train_times if phase == 'train' else entry.infer_times).append(wall)
+                    times.append(wall)
                     entry.cpu_shares.append(cpu / (wall * threads))
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory: this entry stops
                 entry.row.error, entry.work = short_error(exc), None
-                live = [e for e in live if e is not entry]
-                break
         print(f'  {phase} round {r + 1}/{args.rounds} done', flush=True)
 
 
@@ -540,7 +543,9 @@ def profile_top_ops(work: Workload, steps: int, limit: int = 15) -> Tuple[str, L
 
 
 def run_size(size: str, args: argparse.Namespace, device: torch.device, dtype: str,
-             peak: Optional[float]) -> List[Row]:
+             peak: Optional[float], checkpoint: Callable[[List[Row]], None]) -> List[Row]:
+    """Build, warm up and time every entry of one size; ``checkpoint`` gets the rows so far
+    after every phase (a run that is killed keeps them)."""
     img = args.img_size or (SMALL_IMG if args.small else 224)
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch_size, 3, img, img, generator=gen).to(device)
@@ -554,8 +559,11 @@ def run_size(size: str, args: argparse.Namespace, device: torch.device, dtype: s
             warm_up(entry, args)
         except Exception as exc:  # noqa: BLE001
             entry.row.error, entry.work = short_error(exc), None
-    run_rounds(entries, args, 'train')
-    run_rounds(entries, args, 'infer')
+    checkpoint([e.row for e in entries])
+    for phase in ('train', 'infer'):
+        run_rounds(entries, args, phase)
+        summarise(entries, peak)
+        checkpoint([e.row for e in entries])
     if args.profile:
         for entry in entries:
             if entry.work is not None and entry.row.entry.startswith('dat:'):
@@ -745,10 +753,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def payload() -> dict:
         return dict(environment=env, settings=settings, rows=[asdict(r) for r in rows], loader=loader)
 
-    for size in args.models:
-        rows += run_size(size, args, device, args.dtype, peak)
+    def checkpoint(size_rows: List[Row]) -> None:
         if args.json:
-            write_json(args.json, payload())
+            write_json(args.json, dict(payload(), rows=[asdict(r) for r in rows + size_rows]))
+
+    for size in args.models:
+        rows += run_size(size, args, device, args.dtype, peak, checkpoint)
+        checkpoint([])
     if args.loader_workers:
         try:
             loader = measure_loader(args)
