@@ -124,6 +124,7 @@ def _build_geometry(height: int, width: int, kernel_size: int, tile_y: int, tile
 
 
 _GEOMETRY: Dict[Tuple[int, int, int, int, int, str], _Geometry] = {}
+_GEOMETRY_MAX = 64
 
 
 def _geometry(height: int, width: int, kernel_size: int, device: torch.device) -> _Geometry:
@@ -138,7 +139,10 @@ def _geometry(height: int, width: int, kernel_size: int, device: torch.device) -
     if geometry is None:
         # Cached tensors must be ordinary tensors even when first built under inference_mode.
         with torch.inference_mode(False), torch.no_grad():
-            geometry = _GEOMETRY[key] = _build_geometry(height, width, kernel_size, tile_y, tile_x, device)
+            geometry = _build_geometry(height, width, kernel_size, tile_y, tile_x, device)
+        if len(_GEOMETRY) >= _GEOMETRY_MAX:      # e.g. inference at many sizes: keep memory bounded
+            _GEOMETRY.clear()
+        _GEOMETRY[key] = geometry
     return geometry
 
 
@@ -270,6 +274,11 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int, scale:
         # Eager callers need a compiled flex attention (its eager form is dense); inside a
         # compiled model dynamo compiles the call itself.
         if _compiled_flex is None:
+            # Specialised per (shape, dtype, grad mode): a run meets several (train / eval, last
+            # batch), and past dynamo's recompile limit flex would fall back to its dense form.
+            config = torch._dynamo.config
+            name = 'recompile_limit' if hasattr(config, 'recompile_limit') else 'cache_size_limit'
+            setattr(config, name, max(getattr(config, name), 64))
             _compiled_flex = torch.compile(flex_attention, dynamic=False)
         attend = _compiled_flex
     tokens = height * width
