@@ -102,6 +102,8 @@ def attend(kernel, q, k, v, rpb, kernel_size, scale=None):
     """The public op with ``kernel`` forced (on CPU 'fused' itself runs the tiled kernel)."""
     with mock.patch.object(nat, 'kernel_for', lambda *args, **kwargs: kernel):
         return neighborhood_attention(q, k, v, rpb, kernel_size, scale, attn_impl='fused')
+
+
 # Query tile sides: 2 cuts every map into several tiles (with an overhanging last tile
 # where the side does not divide the map), 64 makes every map one dense tile, None keeps the
 # size rule of the op.
