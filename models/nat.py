@@ -159,73 +159,116 @@ def _gather_tokens(t: Tensor, index: Tensor, single: bool, groups: int) -> Tenso
     return t.unflatten(2, (groups, -1))
 
 
-# Dense attention of every query tile over its key halo with an additive bias: q ``(B, heads,
-# tiles, Tq, c)``, k / v ``(B, heads, tiles, Tk, c)``, bias ``(heads, tiles, Tq, Tk)``. Registered
-# as custom ops so that torch.compile keeps them whole (one graph node each, running these
-# ATen kernels; inductor's own decomposition of them measured ~1.35x slower on CPU). The
-# backward needs no extra pass over the scores for the softmax (``sum_k attn * dattn =
-# out . dout``) and runs in place.
-@torch.library.custom_op('dat_nat::halo_attention', mutates_args=())
-def _halo_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
-    """``(out, attn)``; ``attn`` is returned for the backward."""
-    logits = torch.matmul(q, k.transpose(-2, -1))
+def _tile_counts(height: int, width: int, kernel_size: int) -> Tuple[int, int, int]:
+    """(tiles, queries per tile, keys per tile) of one (H, W, K), without building tables."""
+    ty, tx = tile_size(height, kernel_size), tile_size(width, kernel_size)
+    tiles = -(-height // ty) * -(-width // tx)
+    return tiles, ty * tx, min(ty + kernel_size - 1, height) * min(tx + kernel_size - 1, width)
+
+
+# The tiled kernel is a pair of custom ops (forward, backward), so that torch.compile keeps it
+# whole: one graph node running these ATen kernels, its tables from the eager cache (inductor's
+# own lowering of the gathers and their scatter-add gradients measured slower on CPU).
+@torch.library.custom_op('dat_nat::tiled_attention', mutates_args=())
+def _tiled_attention(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int,
+                     scale: float) -> Tuple[Tensor, Tensor]:
+    """``(out, attn)`` for q, k, v ``(B, heads, H, W, c)``; ``attn`` (B, heads, tiles, T*T, halo^2)
+    is kept for the backward."""
+    batch, heads, height, width, c = q.shape
+    g = _geometry(height, width, kernel_size, q.device)
+    qt = _gather_tokens(q.reshape(batch, heads, height * width, c), g.query, g.single, g.tiles)
+    kt = _gather_tokens(k.reshape(batch, heads, height * width, c), g.keys, g.single, g.tiles)
+    vt = _gather_tokens(v.reshape(batch, heads, height * width, c), g.keys, g.single, g.tiles)
+    logits = torch.matmul(qt, kt.transpose(-2, -1))
     # Low-precision scores meet the float32 bias here: the softmax runs in float32.
-    logits = logits.to(torch.promote_types(logits.dtype, bias.dtype)).mul_(scale).add_(bias)
+    logits = logits.to(torch.promote_types(logits.dtype, rpb.dtype)).mul_(scale).add_(_tile_bias(rpb, g))
     attn = torch.softmax(logits, dim=-1)
     del logits
-    return torch.matmul(attn.to(v.dtype), v), attn
+    out = torch.matmul(attn.to(v.dtype), vt).flatten(2, 3)
+    if not g.single:
+        out = out.index_select(2, g.out)
+    return out.view(batch, heads, height, width, c), attn
 
 
-@_halo_attention.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
-    attn_dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), bias.dtype)
-    return (q.new_empty(*q.shape[:-1], v.shape[-1], dtype=v.dtype),
-            q.new_empty(*q.shape[:-1], k.shape[-2], dtype=attn_dtype))
+@_tiled_attention.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int, scale: float) -> Tuple[Tensor, Tensor]:
+    tiles, tile_tokens, halo_tokens = _tile_counts(q.shape[2], q.shape[3], kernel_size)
+    attn_dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), rpb.dtype)
+    return (torch.empty_like(v, memory_format=torch.contiguous_format),
+            q.new_empty(q.shape[0], q.shape[1], tiles, tile_tokens, halo_tokens, dtype=attn_dtype))
 
 
-@torch.library.custom_op('dat_nat::halo_attention_backward', mutates_args=())
-def _halo_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, attn: Tensor, out: Tensor,
-                             scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of q, k, v and bias (the bias's in the softmax dtype, summed over the batch)."""
-    grad = grad.to(v.dtype)
-    grad_v = torch.matmul(attn.to(v.dtype).transpose(-2, -1), grad)
-    grad_logits = torch.matmul(grad, v.transpose(-2, -1)).to(attn.dtype)
-    delta = (out * grad).sum(-1, keepdim=True).to(attn.dtype)
-    grad_logits = grad_logits.sub_(delta).mul_(attn)
-    grad_bias = grad_logits.sum(0)
+def _scatter_tokens(t: Tensor, index: Tensor, single: bool, tokens: int) -> Tensor:
+    """Adjoint of :func:`_gather_tokens`: (B, heads, groups, n, c) summed back into (B, heads, tokens, c)."""
+    t = t.flatten(2, 3)
+    if single:
+        return t
+    return t.new_zeros(t.shape[0], t.shape[1], tokens, t.shape[-1]).index_add_(2, index, t)
+
+
+@torch.library.custom_op('dat_nat::tiled_attention_backward', mutates_args=())
+def _tiled_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, attn: Tensor,
+                              out: Tensor, kernel_size: int, scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of q, k, v and rpb. The softmax gradient needs no extra pass over the scores
+    (``sum_k attn * dattn = out . dout``) and runs in place."""
+    batch, heads, height, width, c = q.shape
+    tokens = height * width
+    g = _geometry(height, width, kernel_size, q.device)
+    kt = _gather_tokens(k.reshape(batch, heads, tokens, c), g.keys, g.single, g.tiles)
+    vt = _gather_tokens(v.reshape(batch, heads, tokens, c), g.keys, g.single, g.tiles)
+    qt = _gather_tokens(q.reshape(batch, heads, tokens, c), g.query, g.single, g.tiles)
+    grad = grad.to(v.dtype).reshape(batch, heads, tokens, c)
+    delta = (out.reshape(batch, heads, tokens, c) * grad).sum(-1, keepdim=True).to(attn.dtype)
+    if not g.single:
+        # Into tile slots; the overhanging slots (outputs that were dropped) get zero gradient.
+        slots = g.tiles * g.tile_tokens
+        grad = grad.new_zeros(batch, heads, slots, c).index_copy_(2, g.out, grad)
+        delta = delta.new_zeros(batch, heads, slots, 1).index_copy_(2, g.out, delta)
+    grad, delta = grad.unflatten(2, (g.tiles, -1)), delta.unflatten(2, (g.tiles, -1))
+    grad_vt = torch.matmul(attn.to(v.dtype).transpose(-2, -1), grad)
+    grad_logits = torch.matmul(grad, vt.transpose(-2, -1)).to(attn.dtype).sub_(delta).mul_(attn)
+    span = 2 * kernel_size
+    grad_table = grad_logits.new_zeros(heads, span * span).index_add_(1, g.bias, grad_logits.sum(0).flatten(1))
+    grad_rpb = grad_table.view(heads, span, span)[:, :-1, :-1].to(rpb.dtype).contiguous()
     grad_logits = grad_logits.to(q.dtype)
-    grad_q = torch.matmul(grad_logits, k).mul_(scale)
-    grad_k = torch.matmul(grad_logits.transpose(-2, -1), q).mul_(scale)
-    return grad_q, grad_k, grad_v, grad_bias
+    grad_qt = torch.matmul(grad_logits, kt).mul_(scale)
+    grad_kt = torch.matmul(grad_logits.transpose(-2, -1), qt).mul_(scale)
+    shape = (batch, heads, height, width, c)
+    return (_scatter_tokens(grad_qt, g.query, g.single, tokens).reshape(shape),
+            _scatter_tokens(grad_kt, g.keys, g.single, tokens).reshape(shape),
+            _scatter_tokens(grad_vt, g.keys, g.single, tokens).reshape(shape), grad_rpb)
 
 
-@_halo_attention_backward.register_fake
-def _(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, attn: Tensor, out: Tensor,
-      scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), attn.new_empty(attn.shape[1:])
+@_tiled_attention_backward.register_fake
+def _(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, attn: Tensor, out: Tensor,
+      kernel_size: int, scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    like = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
+    return like(q), like(k), like(v), like(rpb)
 
 
-def _halo_setup_context(ctx, inputs, output) -> None:
-    q, k, v, _, scale = inputs
+def _tiled_setup_context(ctx, inputs, output) -> None:
+    q, k, v, rpb, kernel_size, scale = inputs
     out, attn = output
-    ctx.save_for_backward(q, k, v, attn, out)
-    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, rpb, attn, out)
+    ctx.kernel_size, ctx.scale = kernel_size, scale
 
 
-def _halo_backward(ctx, grad_out: Tensor, grad_attn: Optional[Tensor]):
-    q, k, v, attn, out = ctx.saved_tensors
-    # attn is an output only for this backward: nothing downstream uses it.
-    return (*_halo_attention_backward(grad_out, q, k, v, attn, out, ctx.scale), None)
+def _tiled_backward(ctx, grad_out: Tensor, grad_attn: Optional[Tensor]):
+    # attn is an output only for the backward: nothing downstream uses it.
+    return (*_tiled_attention_backward(grad_out, *ctx.saved_tensors, ctx.kernel_size, ctx.scale), None, None)
 
 
-_halo_attention.register_autograd(_halo_backward, setup_context=_halo_setup_context)
+_tiled_attention.register_autograd(_tiled_backward, setup_context=_tiled_setup_context)
 
 
 # --------------------------------------------------------------------------- kernels
 
 def _tiled(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int, scale: float,
            dropout_p: float, sdpa: bool) -> Tensor:
-    """Every query tile attends to its key halo: reference (matmul/softmax) or SDPA."""
+    """Every query tile attends to its key halo: the custom op above (reference), the same
+    tiles through SDPA, or with attention dropout in plain autograd."""
+    if not sdpa and dropout_p == 0:
+        return _tiled_attention(q, k, v, rpb, kernel_size, scale)[0]
     batch, heads, height, width, c = q.shape
     g = _geometry(height, width, kernel_size, q.device)
     bias = _tile_bias(rpb, g)
@@ -238,11 +281,9 @@ def _tiled(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int, scale
         out = F.scaled_dot_product_attention(
             qt.flatten(1, 2), kt.flatten(1, 2), vt.flatten(1, 2), attn_mask=bias.to(q.dtype).flatten(0, 1),
             dropout_p=dropout_p, scale=scale).view(qt.shape)
-    elif dropout_p > 0:
+    else:
         attn = (torch.matmul(qt * scale, kt.transpose(-2, -1)) + bias).softmax(dim=-1)
         out = torch.matmul(F.dropout(attn, p=dropout_p).to(v.dtype), vt)
-    else:
-        out = _halo_attention(qt, kt, vt, bias, scale)[0]
     out = out.flatten(2, 3)
     if not g.single:
         out = out.index_select(2, g.out)

@@ -181,6 +181,18 @@ def test_gradcheck_across_tiles(monkeypatch):
                                         fast_mode=True)
 
 
+@pytest.mark.parametrize('shape', [(1, 2, 9, 10, 3), (2, 1, 5, 5, 2)])     # several tiles; one dense tile
+def test_custom_ops_pass_opcheck(shape, monkeypatch):
+    """The tiled kernel's custom ops: fake (meta) kernels, autograd registration, schema."""
+    monkeypatch.setattr(nat, 'tile_size', lambda length, kernel_size: min(4, length) if length > 5 else length)
+    q, k, v, rpb = make_qkv(*shape, 3, grad=True)
+    torch.library.opcheck(torch.ops.dat_nat.tiled_attention, (q, k, v, rpb, 3, 0.5))
+    out, attn = nat._tiled_attention(q, k, v, rpb, 3, 0.5)
+    grad = torch.randn_like(out)
+    inputs = [t.detach() for t in (grad, q, k, v, rpb, attn, out)]     # no double backward
+    torch.library.opcheck(torch.ops.dat_nat.tiled_attention_backward, (*inputs, 3, 0.5))
+
+
 def test_float32_and_bfloat16_inputs():
     """Low-precision inputs: the scores and softmax run in float32, the output keeps the input dtype."""
     q, k, v, rpb = make_qkv(2, 2, 12, 10, 8, 5)
