@@ -29,8 +29,10 @@ Kernels (:func:`kernel_for`; ``attn_impl`` resolved per call with
   ``'fused'`` on CUDA for larger maps, where it skips the masked blocks.
 
 The geometry (key halos and bias-table indices) depends only on ``(H, W, K)`` and is built once
-per shape and device; under ``torch.compile`` it is traced into the graph instead (a few
-``arange`` ops), so the op compiles without graph breaks.
+per shape and device. The tiled kernel is a forward/backward pair of custom ops
+(``torch.ops.dat_nat``), so ``torch.compile`` sees one node that reads the cached tables; the
+other kernels build their tables inside the graph (a few ``arange`` ops). Either way the op
+compiles without graph breaks.
 """
 from typing import Dict, NamedTuple, Optional, Tuple
 
