@@ -1,9 +1,10 @@
-"""tools/benchmark.py: the CPU smoke run as a real process, the logits check that guards every
-speed-up, failure rows, peak-memory measurement and the MFU arithmetic."""
+"""tools/benchmark.py: interleaved rounds and their summary, the logits check that guards every
+speed-up, failure rows, peak memory, the MFU arithmetic, and the CPU smoke run as a real process."""
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -17,85 +18,91 @@ sys.path.insert(0, str(REPO))
 
 from tools import benchmark  # noqa: E402
 
-SMALL = ['--small', '--device', 'cpu', '--models', 'tiny']
+SMALL = ['--small', '--device', 'cpu', '--models', 'tiny', '--rounds', '1']
 
 
-def test_small_cpu_run_as_a_process(tmp_path: Path) -> None:
-    """The CI smoke command: one row per variant with real numbers, fast kernels equal to the
-    reference, the table on stdout, and the environment recorded."""
-    out = tmp_path / 'bench.json'
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED='1')
-    proc = subprocess.run(
-        [sys.executable, str(REPO / 'tools' / 'benchmark.py'), *SMALL,
-         '--variants', 'reference,fast,compile,swin', '--json', str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+# ----------------------------------------------------------------------------- rounds, summary, table
+class FakeWork:
+    """Stands in for a Workload: records the order of steps; fails on request."""
 
-    rows = {r['variant']: r for r in result['rows']}
-    assert list(rows) == ['reference', 'fast', 'compile', 'swin']
-    for variant, row in rows.items():
-        assert row['error'] is None, (variant, row['error'])
-        assert row['train_img_s'] > 0 and row['infer_img_s'] > 0, variant
-        assert row['batch_size'] == 2 and row['dtype'] == 'fp32' and row['img_size'] == 64
-        assert row['fwd_gflops_per_img'] > 0 and row['params_m'] > 0
-        assert row['train_mfu'] is None          # no peak on a CPU unless --peak-tflops
-    assert rows['reference']['arch'] == 'dat_tiny'
-    assert rows['swin']['arch'] == 'swin_tiny_patch4_window7_224'
-    assert rows['reference']['train_speedup_vs_reference'] == pytest.approx(1.0)
-    assert rows['fast']['kernels'] == {'deformable': 'sdpa', 'neighborhood': 'reference'}
-    for variant in ('fast', 'compile'):
-        assert rows[variant]['logits_check'] == 'pass'
-        assert 0 <= rows[variant]['logits_max_rel_diff']['fp32'] <= 1e-4
-        assert rows[variant]['train_speedup_vs_reference'] > 0
+    device = torch.device('cpu')
 
-    env_info = result['environment']
-    assert env_info['torch'] == torch.__version__ and env_info['device'] == 'cpu'
-    assert env_info['device_name'] and env_info['date']
-    assert result['settings']['compile_backend'] == 'eager'
-    assert [t['variant'] for t in result['targets']] == ['fast', 'fast+compile']
-    assert not any(t['at_target_settings'] for t in result['targets'])
+    def __init__(self, name: str, log: list, fail_after: int = -1):
+        self.name, self.log, self.fail_after = name, log, fail_after
 
-    header = next(line for line in proc.stdout.splitlines() if line.startswith('model '))
-    for column in ('train img/s', 'infer img/s', 'train GiB', 'train x ref', 'MFU train'):
-        assert column in header
-    table_rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(('dat_tiny ', 'swin_'))]
-    assert [r[1] for r in table_rows] == ['reference', 'fast', 'fast+compile', 'swin_tiny_patch4_window7_224']
-    assert all(float(r[5]) > 0 and float(r[6]) > 0 for r in table_rows)   # train / infer img/s
+    def train_step(self) -> None:
+        if len(self.log) == self.fail_after:
+            raise RuntimeError('out of memory\ndetails')
+        self.log.append(self.name)
+
+    infer_step = train_step
 
 
-def test_a_wrong_kernel_is_caught_and_not_timed(tmp_path: Path, monkeypatch, capsys) -> None:
-    """An SDPA that drops the position bias changes the logits: the fast row becomes an error
-    with the measured difference, gets no throughput, and the exit status is 1."""
-    real_sdpa = F.scaled_dot_product_attention
-
-    def sdpa_without_bias(q, k, v, attn_mask=None, **kwargs):
-        return real_sdpa(q, k, v, **kwargs)
-
-    monkeypatch.setattr(F, 'scaled_dot_product_attention', sdpa_without_bias)
-    out = tmp_path / 'bad.json'
-    assert benchmark.main([*SMALL, '--variants', 'fast', '--json', str(out)]) == 1
-    (fast,) = json.loads(out.read_text())['rows']
-    assert fast['logits_check'] == 'fail'
-    assert fast['logits_max_rel_diff']['fp32'] > 10 * benchmark.CHECK_TOL['fp32']
-    assert 'logits differ from the reference' in fast['error']
-    assert fast['train_img_s'] is None and fast['train_speedup_vs_reference'] is None
-    assert 'logits differ' in capsys.readouterr().out
+def fake_entries(log: list, fail_after: int = -1):
+    names = ['dat:reference', 'dat:fused', 'swin', 'convnext']
+    entries = []
+    for name in names:
+        row = benchmark.Row(model='tiny', entry=name, arch=name, batch_size=8, dtype='fp32', img_size=224)
+        entries.append(benchmark.Entry(row, FakeWork(name, log, fail_after if name == 'swin' else -1)))
+    return entries
 
 
-def test_compile_failure_is_a_row_not_a_crash(tmp_path: Path, monkeypatch) -> None:
-    def broken_compile(model, **kwargs):
-        raise RuntimeError('backend exploded\nlong traceback that is not shown')
+def test_rounds_interleave_and_rotate() -> None:
+    log: list = []
+    entries = fake_entries(log)
+    args = benchmark.parse_args(['--device', 'cpu', '--rounds', '3', '--steps-per-round', '2'])
+    benchmark.run_rounds(entries, args, 'train')
+    assert len(log) == 3 * 4 * 2
+    rounds = [log[i:i + 8] for i in range(0, len(log), 8)]
+    assert rounds[0] == ['dat:reference'] * 2 + ['dat:fused'] * 2 + ['swin'] * 2 + ['convnext'] * 2
+    assert rounds[1][0] == 'dat:fused' and rounds[2][0] == 'swin'     # each round starts one entry later
+    assert all(len(e.train_times) == 6 and not e.infer_times for e in entries)
+    assert all(0 <= s for e in entries for s in e.cpu_shares)
 
-    monkeypatch.setattr(torch, 'compile', broken_compile)
-    out = tmp_path / 'compile.json'
-    assert benchmark.main([*SMALL, '--variants', 'compile', '--json', str(out)]) == 0
-    (row,) = json.loads(out.read_text())['rows']
-    assert row['variant'] == 'compile' and row['label'] == 'fast+compile'
-    assert row['error'] == 'RuntimeError: backend exploded'
-    assert row['train_img_s'] is None
+
+def test_a_failing_entry_stops_alone() -> None:
+    log: list = []
+    entries = fake_entries(log, fail_after=5)
+    args = benchmark.parse_args(['--device', 'cpu', '--rounds', '2'])
+    benchmark.run_rounds(entries, args, 'train')
+    swin = entries[2]
+    assert swin.row.error == 'RuntimeError: out of memory' and swin.work is None
+    # Round 1 runs all four (5 steps logged after fused starts round 2); swin fails in round 2.
+    assert [len(e.train_times) for e in entries] == [2, 2, 1, 2]
 
 
+def test_summary_medians_and_ratios() -> None:
+    entries = fake_entries([])
+    times = {'dat:reference': [4.0, 2.0, 2.2], 'dat:fused': [1.0, 1.1, 9.0], 'swin': [1.0, 1.0, 1.0],
+             'convnext': [0.5, 0.5, 0.5]}
+    for e in entries:
+        e.train_times = times[e.row.entry]
+        e.infer_times = [t / 2 for t in times[e.row.entry]]
+        e.row.first_train_step_s = 3 * statistics.median(times[e.row.entry])
+        e.row.train_peak_mem_gib = {'swin': 2.0}.get(e.row.entry, 3.0)
+    benchmark.summarise(entries, peak=None)
+    rows = {e.row.entry: e.row for e in entries}
+    assert rows['dat:reference'].train_img_s == pytest.approx(8 / 2.2)
+    assert rows['dat:fused'].train_img_s == pytest.approx(8 / 1.1)              # a median: the 9 s outlier is ignored
+    assert rows['swin'].train_vs_baseline == 1.0                               # the first baseline
+    assert rows['dat:fused'].train_vs_baseline == pytest.approx(1 / 1.1)
+    assert rows['convnext'].infer_vs_baseline == pytest.approx(2.0)
+    assert rows['dat:fused'].mem_vs_baseline == pytest.approx(1.5)
+    assert rows['dat:fused'].train_vs_reference == pytest.approx(2.2 / 1.1)
+    assert rows['dat:fused'].first_step_ratio == pytest.approx(3.0)
+    assert rows['swin'].train_vs_reference is None
+    table = benchmark.format_table([e.row for e in entries])
+    assert 'dat:fused' in table and '0.91x' in table
+
+
+def test_table_shows_errors() -> None:
+    row = benchmark.Row(model='tiny', entry='dat:fused+compile', arch='dat_tiny', batch_size=2, dtype='fp32',
+                        img_size=64, error='RuntimeError: backend exploded')
+    table = benchmark.format_table([row])
+    assert 'error' in table and 'dat:fused+compile: RuntimeError: backend exploded' in table
+
+
+# ----------------------------------------------------------------------------- arithmetic and memory
 @pytest.mark.parametrize('gpu,dtype,expected', [
     ('NVIDIA H100 80GB HBM3', 'bf16', 989.0),
     ('NVIDIA H100 80GB HBM3', 'fp32', 494.0),
@@ -121,6 +128,7 @@ def test_mfu_counts_training_as_three_forwards() -> None:
     assert benchmark.mfu(1000.0, 8.6e9, 989.0) == pytest.approx(8.6 / 989.0)
     assert benchmark.mfu(1000.0, 8.6e9, None) is None
     assert benchmark.mfu(None, 8.6e9, 989.0) is None
+    assert benchmark.mfu(1000.0, None, 989.0) is None
 
 
 @pytest.mark.skipif(not os.access('/proc/self/clear_refs', os.W_OK), reason='needs Linux /proc/self/clear_refs')
@@ -135,46 +143,100 @@ def test_cpu_peak_memory_sees_a_phase_allocation() -> None:
     assert memory.peak_gib() < 0.05
 
 
+# ----------------------------------------------------------------------------- command line
 @pytest.mark.parametrize('argv,message', [
     (['--device', 'cpu', '--dtype', 'fp16'], '--dtype fp16 needs CUDA'),
     (['--models', 'tiny,huge'], "unknown ['huge']"),
-    (['--variants', 'fast,turbo'], "unknown ['turbo']"),
+    (['--variants', 'fused,turbo'], "unknown ['turbo']"),
+    (['--baselines', 'vit'], "unknown ['vit']"),
+    (['--variants', 'fused'], "include 'reference'"),
+    (['--variants', '', '--baselines', ''], 'nothing to measure'),
+    (['--rounds', '0'], '--rounds must be >= 1'),
 ])
 def test_bad_arguments_are_one_line_errors(argv, message: str, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
-        benchmark.parse_args(argv)
+        benchmark.parse_args(['--device', 'cpu'] + argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
 
 
-def test_defaults_and_variant_order() -> None:
-    args = benchmark.parse_args(['--device', 'cpu', '--variants', 'swin,fast,reference'])
-    assert args.variants == ['reference', 'fast', 'swin']      # reference first: the others compare to it
-    assert (args.batch_size, args.dtype, args.compile_backend) == (128, 'fp32', 'inductor')
+def test_defaults() -> None:
+    args = benchmark.parse_args(['--device', 'cpu', '--variants', 'fused+compile,reference'])
+    assert args.variants == ['reference', 'fused+compile']       # reference first: the others compare to it
+    assert args.baselines == ['swin', 'davit', 'convnext']
+    assert (args.batch_size, args.dtype, args.compile_backend, args.rounds, args.steps_per_round) == \
+        (128, 'fp32', 'inductor', 5, 1)
     small = benchmark.parse_args(['--small', '--device', 'cpu'])
-    assert (small.batch_size, small.warmup, small.iters, small.compile_backend) == (2, 1, 2, 'eager')
+    assert (small.batch_size, small.warmup, small.rounds, small.compile_backend) == (2, 1, 2, 'eager')
+    assert small.variants == list(benchmark.VARIANTS)
 
 
-def test_profile_prints_and_records_top_ops(tmp_path: Path, capsys) -> None:
-    out = tmp_path / 'profile.json'
-    assert benchmark.main([*SMALL, '--variants', 'fast', '--iters', '1', '--profile', '--profile-steps', '1',
+# ----------------------------------------------------------------------------- real models
+@pytest.mark.slow
+def test_a_wrong_kernel_is_caught_and_not_timed(tmp_path: Path, monkeypatch, capsys) -> None:
+    """An SDPA that drops the position bias changes the fused logits: that row becomes an error
+    with the measured difference, gets no throughput, and the exit status is 1."""
+    real_sdpa = F.scaled_dot_product_attention
+
+    def sdpa_without_bias(q, k, v, attn_mask=None, **kwargs):
+        return real_sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', sdpa_without_bias)
+    out = tmp_path / 'bad.json'
+    assert benchmark.main([*SMALL, '--variants', 'reference,fused', '--baselines', '', '--json', str(out)]) == 1
+    ref, fused = json.loads(out.read_text())['rows']
+    assert ref['error'] is None and ref['train_img_s'] > 0
+    assert fused['logits_check'] == 'fail'
+    assert fused['logits_max_rel_diff']['fp32'] > 10 * benchmark.CHECK_TOL['fp32']
+    assert 'logits differ from the reference' in fused['error']
+    assert fused['train_img_s'] is None
+    assert 'logits differ' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_compile_failure_is_a_row_not_a_crash(tmp_path: Path, monkeypatch) -> None:
+    def broken_compile(model, **kwargs):
+        raise RuntimeError('backend exploded\nlong traceback that is not shown')
+
+    monkeypatch.setattr(torch, 'compile', broken_compile)
+    out = tmp_path / 'compile.json'
+    assert benchmark.main([*SMALL, '--variants', 'reference,fused+compile', '--baselines', '',
                            '--json', str(out)]) == 0
-    (row,) = json.loads(out.read_text())['rows']
-    ops = row['profile_top_ops']
-    assert 1 <= len(ops) <= 15
-    assert all(op['op'] and op['self_time_ms'] >= 0 and 0 <= op['share'] <= 1 for op in ops)
-    times = [op['self_time_ms'] for op in ops]
-    assert times == sorted(times, reverse=True) and times[0] > 0
-    printed = capsys.readouterr().out
-    assert '== profile: dat_tiny fast' in printed and ops[0]['op'] in printed
+    ref, compiled = json.loads(out.read_text())['rows']
+    assert compiled['entry'] == 'dat:fused+compile' and compiled['error'] == 'RuntimeError: backend exploded'
+    assert compiled['train_img_s'] is None and ref['train_img_s'] > 0
 
 
-def test_input_sizes() -> None:
-    small = benchmark.parse_args(['--small', '--device', 'cpu'])
-    assert benchmark.input_size(benchmark.MODELS['tiny'], small) == 64
-    assert benchmark.input_size(benchmark.MODELS['base384'], small) == 96     # larger than the tables, like 384
-    full = benchmark.parse_args(['--device', 'cpu'])
-    assert benchmark.input_size(benchmark.MODELS['base'], full) == 224
-    assert benchmark.input_size(benchmark.MODELS['base384'], full) == 384
-    override = benchmark.parse_args(['--device', 'cpu', '--img-size', '256'])
-    assert benchmark.input_size(benchmark.MODELS['tiny'], override) == 256
+@pytest.mark.slow
+def test_small_cpu_run_as_a_process(tmp_path: Path) -> None:
+    """The smoke command: one row per entry with real numbers, ratios against Swin, compiled
+    variants equal to the reference, the loader measured, the table on stdout."""
+    out = tmp_path / 'bench.json'
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED='1')
+    proc = subprocess.run(
+        [sys.executable, str(REPO / 'tools' / 'benchmark.py'), *SMALL, '--json', str(out),
+         '--loader-workers', '1', '--loader-images', '24', '--loader-image-size', '48', '--loader-batch-size', '4',
+         '--loader-data', str(tmp_path / 'demo')],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = {r['entry']: r for r in result['rows']}
+    assert list(rows) == ['dat:reference', 'dat:fused', 'dat:reference+compile', 'dat:fused+compile',
+                          'swin', 'davit', 'convnext']
+    for name, row in rows.items():
+        assert row['error'] is None, (name, row['error'])
+        assert row['train_img_s'] > 0 and row['infer_img_s'] > 0 and row['train_steps'] == 1, name
+        assert row['first_train_step_s'] > 0 and row['train_vs_baseline'] > 0
+        assert row['batch_size'] == 2 and row['dtype'] == 'fp32' and row['img_size'] == 64
+    assert rows['swin']['train_vs_baseline'] == 1.0 and rows['davit']['arch'] == 'davit_tiny'
+    for name in ('dat:fused', 'dat:reference+compile', 'dat:fused+compile'):
+        assert rows[name]['logits_check'] == 'pass'
+        assert rows[name]['logits_max_rel_diff']['fp32'] <= 1e-4
+    assert 'tiled' in rows['dat:reference']['kernels']['neighborhood']
+    loader = result['loader']
+    assert loader['workers'] == 1 and loader['img_s_per_worker'] > 0 and loader['img_size'] == 224
+    assert result['settings']['compile_backend'] == 'eager' and result['environment']['device'] == 'cpu'
+    header = next(line for line in proc.stdout.splitlines() if line.startswith('entry '))
+    for column in ('train img/s', 'infer img/s', 'train x base', 'mem x base', 'first/step'):
+        assert column in header
+    assert 'img/s per worker' in proc.stdout
