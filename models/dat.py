@@ -43,8 +43,8 @@ def build_attention(letter: str, dim: int, s: StageSettings) -> nn.Module:
                           s.use_pe, s.dwc_pe, s.no_off, s.fixed_pe, s.ksize, s.log_cpb,
                           s.attn_drop, s.proj_drop, arith=s.deform_arith, attn_impl=s.attn_impl)
     if letter == 'N':
-        return NeighborhoodAttention2D(dim, s.heads, s.nat_ksize, attn_drop=s.attn_drop,
-                                       proj_drop=s.proj_drop, impl=s.attn_impl)
+        return NeighborhoodAttention2D(dim=dim, num_heads=s.heads, kernel_size=s.nat_ksize, attn_drop=s.attn_drop,
+                                       proj_drop=s.proj_drop, attn_impl=s.attn_impl)
     if letter == 'P':
         return PyramidAttention(dim, s.heads, s.sr_ratio, s.attn_drop, s.proj_drop)
     if letter == 'Q':
