@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,6 +138,22 @@ def test_launch_reports_what_the_ranks_said(tmp_path, ranks, status, code, last)
     lines = proc.stderr.strip().splitlines()
     assert (lines[-1] if lines else None) == last
     assert not [p for p in tmp_path.iterdir() if p.name.startswith('dat-launch')]     # cleaned up
+
+
+def test_launch_without_torch_says_which_environment_to_activate(tmp_path):
+    """No torchrun on PATH and no python3 that imports torch: one line and exit 2, not 'command not found'."""
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    for tool in ('bash', 'mktemp', 'rm', 'dirname', 'seq', 'find', 'wc', 'sed', 'head', 'cat'):
+        found = shutil.which(tool)
+        if found:
+            (bin_dir / tool).symlink_to(found)
+    env = {'PATH': str(bin_dir), 'TMPDIR': str(tmp_path)}
+    proc = subprocess.run(['bash', str(REPO / 'tools' / 'launch.sh'), '1', '--cfg', 'x'], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        'error: torchrun not found: activate the Python environment that has torch (e.g. . .venv/bin/activate)']
 
 
 # ----------------------------------------------------------------------------- the signal handler

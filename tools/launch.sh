@@ -8,7 +8,8 @@
 # schedulers and terminals do) reaches torchrun once, as SIGTERM (SIGINT for SIGINT); torchrun
 # passes it to every rank, which finishes its step, saves it and exits 0 (130 for SIGINT).
 # torchrun's own report goes to a file, printed only when no rank could say what happened.
-# Environment: PORT (rendezvous port, default 29501), TORCHRUN (launcher, default torchrun),
+# Environment: PORT (rendezvous port, default 29501), TORCHRUN (launcher, default torchrun, else
+# python3 -m torch.distributed.run),
 # SHUTDOWN_TIMEOUT (seconds torchrun waits for the ranks to save before killing them, default 120).
 set -uo pipefail
 
@@ -22,11 +23,22 @@ RESULTS=$(mktemp -d "${TMPDIR:-/tmp}/dat-launch.XXXXXX") || {
 trap 'rm -rf "$RESULTS"' EXIT
 export DAT_RESULT_DIR=$RESULTS TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-120}
 
+if [ -z "${TORCHRUN:-}" ]; then
+    if command -v torchrun >/dev/null 2>&1; then
+        TORCHRUN=torchrun
+    elif python3 -c 'import torch' >/dev/null 2>&1; then
+        TORCHRUN="python3 -m torch.distributed.run"
+    else
+        echo "error: torchrun not found: activate the Python environment that has torch (e.g. . .venv/bin/activate)" >&2
+        exit 2
+    fi
+fi
+
 # torchrun gets a process group of its own, so that a signal sent to ours reaches it once (from
 # the traps below) rather than twice, which would cut its graceful shutdown short.
 set -m
 # shellcheck disable=SC2086  # TORCHRUN may be a command with arguments
-${TORCHRUN:-torchrun} --nproc_per_node "$NPROC" --master_port "${PORT:-29501}" \
+${TORCHRUN} --nproc_per_node "$NPROC" --master_port "${PORT:-29501}" \
     "$ROOT/main.py" "$@" 2> "$RESULTS/stderr" &
 PID=$!
 set +m
