@@ -1,6 +1,7 @@
-"""DAT / DAT++ models. Importing this package also registers the timm names (``models.registry``)."""
-from . import registry  # noqa: F401  (registers dat_pp_*, dat_plus_tiny, dat_v1_*, dat_custom with timm)
-from .build import build_model
-from .dat import DAT
+"""DAT / DAT++ models. Importing this package registers the timm names (``dat_pp_*``, ``dat_plus_tiny``,
+``dat_v1_*``); the package imports nothing from the project root, so it can be copied into any project."""
+from .build import BUILDERS, build_model, create_from_yaml, dat_kwargs
+from .dat import DAT, RELEASED_FILES, VARIANTS, CheckpointMismatchError, checkpoint_filter_fn, load_pretrained
 
-__all__ = ['build_model', 'DAT']
+__all__ = ['BUILDERS', 'build_model', 'create_from_yaml', 'dat_kwargs', 'DAT', 'RELEASED_FILES', 'VARIANTS',
+           'CheckpointMismatchError', 'checkpoint_filter_fn', 'load_pretrained']
