@@ -437,6 +437,7 @@ _WRAPPER_PREFIXES = ('module.', '_orig_mod.')      # DDP / DataParallel, torch.c
 # Buffers derived from the construction resolution; a model built for another size keeps its own.
 _RESOLUTION_BUFFERS = ('relative_position_index', 'attn_mask')
 _HEAD = 'cls_head.'
+_STEM = 'patch_proj.0.weight'                   # the first conv (timm's first_conv)
 
 
 def _strip_prefixes(name: str) -> str:
@@ -566,6 +567,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module,
     for name, value in list(sd.items()):
         if name not in own or value.shape == own[name].shape:
             continue
+        if name == _STEM and value.shape[:1] + value.shape[2:] == own[name].shape[:1] + own[name].shape[2:]:
+            continue    # another number of input channels: adapted after filtering (adapt_input_conv)
         if _is_fixed_table(model, name):
             raise CheckpointMismatchError(
                 f"{name} {_shape(value)} is a fixed position table bound to the resolution it was trained at and "
@@ -604,9 +607,8 @@ def load_pretrained(model: nn.Module, checkpoint: Union[Mapping[str, Any], str, 
     source = {_strip_prefixes(k): v for k, v in _model_weights(checkpoint).items()}
     sd = checkpoint_filter_fn(checkpoint, model, class_map=class_map)
     own = model.state_dict()
-    stem = 'patch_proj.0.weight'
-    if stem in sd and stem in own and sd[stem].shape[1] != own[stem].shape[1]:
-        sd[stem] = adapt_input_conv(own[stem].shape[1], sd[stem])
+    if _STEM in sd and _STEM in own and sd[_STEM].shape[1] != own[_STEM].shape[1]:
+        sd[_STEM] = adapt_input_conv(own[_STEM].shape[1], sd[_STEM], base_chans=sd[_STEM].shape[1])
 
     missing = [k for k in own if k not in sd]
     dropped_head = [k for k in missing if k.startswith(_HEAD) and k in source]

@@ -143,6 +143,9 @@ class LocalAttention(nn.Module):
         trunc_normal_(self.relative_position_bias_table, std=0.01)
         self.register_buffer('relative_position_index', window_relative_index(window_size))
 
+    def extra_repr(self) -> str:
+        return f'heads={self.heads}, window_size={self.window_size}'
+
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         ws = self.window_size
         pad_h, pad_w = (-x.shape[-2]) % ws, (-x.shape[-1]) % ws
@@ -320,6 +323,11 @@ class DAttention(nn.Module):
         elif pos_enc == 'table':
             self.rpe_table = nn.Parameter(torch.zeros(heads, 2 * fmap_size - 1, 2 * fmap_size - 1))
             trunc_normal_(self.rpe_table, std=0.01)
+
+    def extra_repr(self) -> str:
+        return (f'heads={self.heads}, groups={self.groups}, fmap_size={self.fmap_size}, stride={self.stride}, '
+                f'offset_range_factor={self.offset_range_factor}, pos_enc={self.pos_enc!r}, no_off={self.no_off}, '
+                f'arith={self.arith!r}, attn_impl={self.attn_impl!r}')
 
     # -- geometry ---------------------------------------------------------------
     def _reference_points(self, hk: int, wk: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
