@@ -174,7 +174,8 @@ def test_command_line_errors(files, tmp_path, capsys) -> None:
 
 def test_fused_model_is_refused_by_the_capture(files) -> None:
     """Fused kernels never form the weights: the capture says how to build the model instead."""
-    model, _ = load_model(CFG, files['ckpt'], [*OPTS, 'MODEL.ATTN_IMPL', 'fused'])
+    only_deformable = ['MODEL.DAT.stage_spec', "[['D'], ['D'], ['D', 'D'], ['D']]"]
+    model, _ = load_model(CFG, None, [*OPTS, *only_deformable, 'MODEL.ATTN_IMPL', 'fused'])
     x, _ = load_image(files['image'], (64, 96))
     with pytest.raises(RuntimeError, match='ATTN_IMPL reference'):
         deformable_points(model, x)
