@@ -95,9 +95,9 @@ def build_attention(letter: str, s: StageConfig) -> nn.Module:
     if letter == 'P':
         return PyramidAttention(dim, heads=s.heads, sr_ratio=s.sr_ratio, attn_drop=s.attn_drop, proj_drop=s.drop)
     if letter == 'Q':
-        return FusedKQnA(s.nq, dim, s.heads_q, s.ksize_qna, activation=s.qna_activation)
+        return FusedKQnA(dim, nq=s.nq, num_heads=s.heads_q, kernel_size=s.ksize_qna, activation=s.qna_activation)
     if letter == 'E':    # the official stage gives Q and E no dropout
-        return SlideAttention(dim, s.heads, 3)
+        return SlideAttention(dim, num_heads=s.heads, ka=3)
     if letter == 'X':
         return nn.Conv2d(dim, dim, s.window_size, 1, s.window_size // 2, groups=dim)
     raise ValueError(f"unknown block letter {letter!r} in stage_spec; use one of {', '.join(BLOCK_LETTERS)}")
