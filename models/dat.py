@@ -90,8 +90,8 @@ def build_attention(letter: str, s: StageConfig) -> nn.Module:
                           no_off=s.no_off, attn_drop=s.attn_drop, proj_drop=s.drop, arith=s.deform_arith,
                           attn_impl=s.attn_impl)
     if letter == 'N':
-        return NeighborhoodAttention2D(dim, s.heads, s.nat_ksize, attn_drop=s.attn_drop, proj_drop=s.drop,
-                                       impl=s.attn_impl)
+        return NeighborhoodAttention2D(dim=dim, num_heads=s.heads, kernel_size=s.nat_ksize, attn_drop=s.attn_drop,
+                                       proj_drop=s.drop, attn_impl=s.attn_impl)
     if letter == 'P':
         return PyramidAttention(dim, heads=s.heads, sr_ratio=s.sr_ratio, attn_drop=s.attn_drop, proj_drop=s.drop)
     if letter == 'Q':

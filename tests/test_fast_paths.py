@@ -31,10 +31,10 @@ def _logits_and_grads(model, x):
 
 
 @needs_fixtures
-@pytest.mark.parametrize('name', ['mini_mix', 'mini_qna', 'mini_window'])
+@pytest.mark.parametrize('name', ['mini_pp', 'mini_mix', 'mini_qna', 'mini_window'])
 def test_fused_equals_reference_cpu(name: str) -> None:
-    """Every deformable variant (table, log-CPB, fixed, DWC, no-offset) with ``MODEL.ATTN_IMPL fused``
-    on the CPU (SDPA), float64: same logits and gradients as ``reference``."""
+    """Every deformable variant (table, log-CPB, fixed, DWC, no-offset) and neighborhood attention with
+    ``MODEL.ATTN_IMPL fused`` on the CPU, float64: same logits and gradients as ``reference``."""
     x = torch.randn(1, 3, 224 if name == 'mini_window' else 64, 224 if name == 'mini_window' else 96,
                     dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     if name in ('mini_mix', 'mini_window'):   # fixed tables bind the size; window blocks like 224
@@ -70,13 +70,13 @@ def test_fused_model_equals_reference_cuda(name: str, dtype: torch.dtype, rtol: 
 
 @pytest.mark.slow     # dynamo tracing of a whole model takes ~10 s on one CPU core
 def test_compile_one_graph_without_breaks_or_recompiles() -> None:
-    """Every block type of this file's ops (L, S, D with each position encoding, P, X, Q, E), two
+    """Every block type (L, S, D with each position encoding, N, P, X, Q, E), two
     blocks a stage, compiles to one graph: no graph break, no recompile across blocks or calls."""
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
     model = DAT(img_size=64, dim_stem=8, dims=(8, 16, 32, 64), depths=(2, 2, 2, 2), heads=(1, 2, 4, 4),
-                heads_q=(2, 2, 4, 4), groups=(1, 1, 2, 2), stage_spec=('LS', 'DD', 'PX', 'QE'), window_sizes=(3,) * 4,
+                heads_q=(2, 2, 4, 4), groups=(1, 1, 2, 2), stage_spec=('LS', 'DN', 'PX', 'QE'), window_sizes=(3,) * 4,
                 strides=(2, 2, 1, 1), expansion=2, pos_encs=('table', 'log_cpb', 'dwc', 'table'),
                 attn_impl='fused', num_classes=5).eval()
     x = torch.randn(2, 3, 64, 64)
