@@ -1,9 +1,10 @@
-"""DAT / DAT++ models. Importing this package also registers the timm names (``models.registry``)."""
-from . import registry  # noqa: F401  (registers dat_pp_*, dat_plus_tiny, dat_v1_*, dat_custom with timm)
-from . import vitaev2_vsa  # noqa: F401  (registers vitaev2_vsa_* with timm)
-from .build import build_model
-from .dat import DAT
-from .debiformer import DeBiFormer  # noqa: F401  (registers debiformer_tiny / _small / _base with timm)
+"""Model families, registered with timm on import: DAT / DAT++ (``dat_pp_*``, ``dat_plus_tiny``,
+``dat_v1_*``), ViTAEv2-VSA (``vitaev2_vsa_*``) and DeBiFormer (``debiformer_*``). The package imports
+nothing from the project root, so it can be copied into any project."""
+from .build import BUILDERS, build_model, create_from_yaml, dat_kwargs
+from .dat import DAT, RELEASED_FILES, VARIANTS, CheckpointMismatchError, checkpoint_filter_fn, load_pretrained
+from .debiformer import DeBiFormer
 from .vitaev2_vsa import ViTAEv2VSA
 
-__all__ = ['build_model', 'DAT', 'DeBiFormer', 'ViTAEv2VSA']
+__all__ = ['BUILDERS', 'build_model', 'create_from_yaml', 'dat_kwargs', 'DAT', 'RELEASED_FILES', 'VARIANTS',
+           'CheckpointMismatchError', 'checkpoint_filter_fn', 'load_pretrained', 'DeBiFormer', 'ViTAEv2VSA']

@@ -7,20 +7,32 @@ Parameter and buffer names follow the official checkpoints exactly.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from timm.layers import register_notrace_module, trunc_normal_
+
+from .attention_impl import check_attn_impl, use_fused
+
+__all__ = ['POS_ENCODINGS', 'DEFORM_ARITHS', 'LayerNorm2d', 'LayerScale', 'TransformerMLP', 'TransformerMLPWithConv',
+           'LocalAttention', 'ShiftWindowAttention', 'PyramidAttention', 'DAttention', 'shifted_window_mask',
+           'window_relative_index']
+
+# Position encoding of a deformable block: none, the interpolated relative table ('table'), a
+# depthwise conv on the queries ('dwc'), a table bound to the construction size ('fixed'), or the
+# log-spaced continuous position bias MLP ('log_cpb').
+POS_ENCODINGS = ('none', 'table', 'dwc', 'fixed', 'log_cpb')
+# Deformable arithmetic: 'pp' is the DAT++ release, 'v1' the CVPR 2022 one.
+DEFORM_ARITHS = ('pp', 'v1')
 
 
 # ----------------------------------------------------------------------------- basic layers
 class LayerNorm2d(nn.Module):
     """``nn.LayerNorm`` over the channel axis of an NCHW map (parameters under ``.norm``)."""
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, *, eps: float = 1e-5):
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=eps)
 
@@ -31,7 +43,7 @@ class LayerNorm2d(nn.Module):
 class LayerScale(nn.Module):
     """Per-channel scale of a residual branch (CaiT), on NCHW maps."""
 
-    def __init__(self, dim: int, init_value: float):
+    def __init__(self, dim: int, *, init_value: float):
         super().__init__()
         self.weight = nn.Parameter(torch.full((dim,), float(init_value)))
 
@@ -42,7 +54,7 @@ class LayerScale(nn.Module):
 class TransformerMLP(nn.Module):
     """Plain MLP applied to every pixel: Linear -> GELU -> Linear, dropout after each linear."""
 
-    def __init__(self, dim: int, expansion: int, drop: float = 0.0):
+    def __init__(self, dim: int, *, expansion: int, drop: float = 0.0):
         super().__init__()
         hidden = dim * expansion
         self.chunk = nn.Sequential()
@@ -59,7 +71,7 @@ class TransformerMLP(nn.Module):
 class TransformerMLPWithConv(nn.Module):
     """MLP of 1x1 convs with a residual 3x3 depthwise conv in the hidden layer (DAT++ "DWC MLP")."""
 
-    def __init__(self, dim: int, expansion: int, drop: float = 0.0):
+    def __init__(self, dim: int, *, expansion: int, drop: float = 0.0):
         super().__init__()
         hidden = dim * expansion
         self.linear1 = nn.Sequential(nn.Conv2d(dim, hidden, 1), nn.Dropout(drop))
@@ -87,31 +99,39 @@ def window_relative_index(window: int) -> torch.Tensor:
     return rel[..., 0] * (2 * window - 1) + rel[..., 1]
 
 
-@lru_cache(maxsize=32)
-def _shift_mask_cpu(height: int, width: int, window: int, shift: int) -> torch.Tensor:
-    regions = torch.zeros(height, width)
-    label = 0
-    for hs in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
-        for ws in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
-            regions[hs, ws] = label
-            label += 1
-    win = regions.view(height // window, window, width // window, window).permute(0, 2, 1, 3)
+def _region_labels(length: int, window: int, shift: int, device: Optional[torch.device]) -> torch.Tensor:
+    """Swin's three regions along one axis of the rolled map: [0, L-w), [L-w, L-shift), [L-shift, L)."""
+    pos = torch.arange(length, device=device)
+    return (pos >= length - window).long() + (pos >= length - shift).long()
+
+
+def shifted_window_mask(height: int, width: int, window: int, shift: int,
+                        device: Optional[torch.device] = None) -> torch.Tensor:
+    """(nW, w^2, w^2) additive mask, -100 between tokens of different regions after the roll.
+
+    Plain tensor arithmetic (no Python loops, no cache), so it can be built inside a compiled graph.
+    """
+    labels = (_region_labels(height, window, shift, device)[:, None] * 3
+              + _region_labels(width, window, shift, device)[None, :]).float()
+    win = labels.view(height // window, window, width // window, window).permute(0, 2, 1, 3)
     win = win.reshape(-1, window * window)
-    mask = win[:, None, :] - win[:, :, None]
-    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+    different = win[:, None, :] != win[:, :, None]
+    return torch.zeros(different.shape, device=device).masked_fill(different, -100.0)
 
 
-def shifted_window_mask(height: int, width: int, window: int, shift: int) -> torch.Tensor:
-    """(nW, w^2, w^2) additive mask, -100 between tokens of different regions after the roll."""
-    return _shift_mask_cpu(height, width, window, shift).clone()
-
-
+@register_notrace_module   # padding sizes depend on the input shape: a leaf for FX tracing
 class LocalAttention(nn.Module):
-    """L: multi-head self-attention in non-overlapping ``window x window`` windows (Swin W-MSA)."""
+    """L: multi-head self-attention in non-overlapping ``window x window`` windows (Swin W-MSA).
 
-    def __init__(self, dim: int, heads: int, window_size: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
+    Maps that are not a multiple of the window are zero-padded at the bottom/right (after the
+    block's norm, as Swin does) and cropped back; padded tokens take part as keys.
+    """
+
+    def __init__(self, dim: int, *, heads: int, window_size: int, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0):
         super().__init__()
-        assert dim % heads == 0, f'dim {dim} must be divisible by heads {heads}'
+        if dim % heads:
+            raise ValueError(f'window attention needs dim ({dim}) divisible by heads ({heads})')
         self.heads = heads
         self.window_size = window_size
         self.scale = (dim // heads) ** -0.5
@@ -123,12 +143,13 @@ class LocalAttention(nn.Module):
         trunc_normal_(self.relative_position_bias_table, std=0.01)
         self.register_buffer('relative_position_index', window_relative_index(window_size))
 
-    def _check_size(self, h: int, w: int) -> None:
+    def extra_repr(self) -> str:
+        return f'heads={self.heads}, window_size={self.window_size}'
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
         ws = self.window_size
-        if h % ws or w % ws:
-            raise ValueError(
-                f'window attention needs feature maps divisible by window_size={ws}, got {h}x{w}; '
-                f'choose an input size whose stage maps are multiples of {ws} (e.g. 224 for window 7)')
+        pad_h, pad_w = (-x.shape[-2]) % ws, (-x.shape[-1]) % ws
+        return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
 
     def _windows(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -143,8 +164,8 @@ class LocalAttention(nn.Module):
         return x.reshape(b, c, h, w)
 
     def _attend(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Window attention on a map whose sides are multiples of the window."""
         b, c, h, w = x.shape
-        self._check_size(h, w)
         tokens = self._windows(x)                                        # (B*nW, N, C)
         q, k, v = self.proj_qkv(tokens).chunk(3, dim=-1)
         q, k, v = (_split_heads(t, self.heads) for t in (q, k, v))       # (B*nW, h, N, c)
@@ -161,38 +182,47 @@ class LocalAttention(nn.Module):
         return self._merge(out, b, h, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._attend(x, None)
+        h, w = x.shape[-2:]
+        return self._attend(self._pad(x), None)[..., :h, :w]
 
 
+@register_notrace_module
 class ShiftWindowAttention(LocalAttention):
-    """S: window attention on a map rolled by ``ceil(window/2)`` (4 for window 7), with Swin's region mask."""
+    """S: window attention on a map rolled by ``ceil(window/2)`` (4 for window 7), with Swin's region mask.
 
-    def __init__(self, dim: int, heads: int, window_size: int, fmap_size: int,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0):
-        super().__init__(dim, heads, window_size, attn_drop, proj_drop)
+    The mask of the construction size is the official buffer ``attn_mask``; other (padded) sizes
+    build theirs from the same rule.
+    """
+
+    def __init__(self, dim: int, *, heads: int, window_size: int, fmap_size: int, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0):
+        super().__init__(dim, heads=heads, window_size=window_size, attn_drop=attn_drop, proj_drop=proj_drop)
         self.shift = math.ceil(window_size / 2)
         self.fmap_size = fmap_size
-        self.register_buffer('attn_mask', shifted_window_mask(fmap_size, fmap_size, window_size, self.shift))
+        self.mask_size = fmap_size + (-fmap_size) % window_size     # the padded construction size
+        self.register_buffer('attn_mask', shifted_window_mask(self.mask_size, self.mask_size, window_size, self.shift))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        self._check_size(h, w)
-        if (h, w) == (self.fmap_size, self.fmap_size):
+        x = self._pad(x)
+        hp, wp = x.shape[-2:]
+        if hp == wp == self.mask_size:
             mask = self.attn_mask
-        else:   # other input sizes: the same mask rule, rebuilt for this map
-            mask = shifted_window_mask(h, w, self.window_size, self.shift).to(x.device)
+        else:
+            mask = shifted_window_mask(hp, wp, self.window_size, self.shift, device=x.device)
         x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(2, 3))
         x = self._attend(x, mask)
-        return torch.roll(x, shifts=(self.shift, self.shift), dims=(2, 3))
+        return torch.roll(x, shifts=(self.shift, self.shift), dims=(2, 3))[..., :h, :w]
 
 
 # ----------------------------------------------------------------------------- spatial-reduction attention
 class PyramidAttention(nn.Module):
     """P: PVT spatial-reduction attention; keys/values from a map downsampled by ``sr_ratio``."""
 
-    def __init__(self, dim: int, heads: int, sr_ratio: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
+    def __init__(self, dim: int, *, heads: int, sr_ratio: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
-        assert dim % heads == 0, f'dim {dim} must be divisible by heads {heads}'
+        if dim % heads:
+            raise ValueError(f'spatial-reduction attention needs dim ({dim}) divisible by heads ({heads})')
         self.heads = heads
         self.head_dim = dim // heads
         self.scale = self.head_dim ** -0.5
@@ -224,6 +254,7 @@ def _centres(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.linspace(0.5, n - 0.5, n, dtype=dtype, device=device)
 
 
+@register_notrace_module   # the key grid size (and its checks) depend on the input shape
 class DAttention(nn.Module):
     """D: deformable multi-head attention (DAT / DAT++).
 
@@ -231,21 +262,24 @@ class DAttention(nn.Module):
     deformed points per group (``groups`` offset groups share the heads evenly).
     ``arith='pp'`` reproduces the DAT++ release, ``'v1'`` the CVPR 2022 release: they
     differ only in how reference points, offset ranges and the query grid are computed.
+    ``no_off`` switches offsets off (keys are average-pooled); ``pos_enc`` is one of
+    :data:`POS_ENCODINGS` and needs offsets on.
     """
 
-    def __init__(self, dim: int, heads: int, groups: int, fmap_size: int, stride: int,
-                 offset_range_factor: float, use_pe: bool, dwc_pe: bool, no_off: bool,
-                 fixed_pe: bool, ksize: int, log_cpb: bool, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, arith: str = 'pp', attn_impl: str = 'auto'):
+    def __init__(self, dim: int, *, heads: int, groups: int, fmap_size: int, stride: int,
+                 offset_range_factor: float, ksize: int, pos_enc: str = 'none', no_off: bool = False,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, arith: str = 'pp', attn_impl: str = 'auto'):
         super().__init__()
-        if attn_impl not in ('auto', 'reference', 'fused'):
-            raise ValueError(f"attn_impl must be 'auto', 'reference' or 'fused', got {attn_impl!r}")
-        self.attn_impl = attn_impl
+        self.attn_impl = check_attn_impl(attn_impl)
         if dim % heads or heads % groups:
             raise ValueError(f'deformable attention needs dim ({dim}) divisible by heads ({heads}) '
                              f'and heads divisible by groups ({groups})')
-        if arith not in ('pp', 'v1'):
-            raise ValueError(f"deform_arith must be 'pp' or 'v1', got {arith!r}")
+        if arith not in DEFORM_ARITHS:
+            raise ValueError(f"deform_arith must be one of {', '.join(DEFORM_ARITHS)}, got {arith!r}")
+        if pos_enc not in POS_ENCODINGS:
+            raise ValueError(f"pos_enc must be one of {', '.join(POS_ENCODINGS)}, got {pos_enc!r}")
+        if no_off and pos_enc != 'none':
+            raise ValueError(f"pos_enc {pos_enc!r} needs offsets; with no_off use pos_enc 'none'")
         self.dim, self.heads, self.groups = dim, heads, groups
         self.head_dim = dim // heads
         self.group_dim = dim // groups
@@ -255,8 +289,8 @@ class DAttention(nn.Module):
         self.kv_size = fmap_size // stride
         self.stride = stride
         self.offset_range_factor = offset_range_factor
-        self.use_pe, self.dwc_pe, self.no_off = use_pe, dwc_pe, no_off
-        self.fixed_pe, self.log_cpb = fixed_pe, log_cpb
+        self.pos_enc = pos_enc
+        self.no_off = no_off
         self.arith = arith
 
         cg = self.group_dim
@@ -274,26 +308,30 @@ class DAttention(nn.Module):
         self.proj_v = nn.Conv2d(dim, dim, 1)
         self.proj_out = nn.Conv2d(dim, dim, 1)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.attn_drop_p = attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
 
+        # One name for every kind, as in the official checkpoints.
         self.rpe_table: Optional[nn.Module | nn.Parameter] = None
-        if use_pe and not no_off:
-            if dwc_pe:
-                self.rpe_table = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
-            elif fixed_pe:
-                self.rpe_table = nn.Parameter(torch.zeros(heads, fmap_size ** 2, self.kv_size ** 2))
-                trunc_normal_(self.rpe_table, std=0.01)
-            elif log_cpb:
-                self.rpe_table = nn.Sequential(
-                    nn.Linear(2, 32, bias=True), nn.ReLU(inplace=True), nn.Linear(32, self.group_heads, bias=False))
-            else:
-                self.rpe_table = nn.Parameter(torch.zeros(heads, 2 * fmap_size - 1, 2 * fmap_size - 1))
-                trunc_normal_(self.rpe_table, std=0.01)
+        if pos_enc == 'dwc':
+            self.rpe_table = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+        elif pos_enc == 'fixed':
+            self.rpe_table = nn.Parameter(torch.zeros(heads, fmap_size ** 2, self.kv_size ** 2))
+            trunc_normal_(self.rpe_table, std=0.01)
+        elif pos_enc == 'log_cpb':
+            self.rpe_table = nn.Sequential(
+                nn.Linear(2, 32, bias=True), nn.ReLU(inplace=True), nn.Linear(32, self.group_heads, bias=False))
+        elif pos_enc == 'table':
+            self.rpe_table = nn.Parameter(torch.zeros(heads, 2 * fmap_size - 1, 2 * fmap_size - 1))
+            trunc_normal_(self.rpe_table, std=0.01)
+
+    def extra_repr(self) -> str:
+        return (f'heads={self.heads}, groups={self.groups}, fmap_size={self.fmap_size}, stride={self.stride}, '
+                f'offset_range_factor={self.offset_range_factor}, pos_enc={self.pos_enc!r}, no_off={self.no_off}, '
+                f'arith={self.arith!r}, attn_impl={self.attn_impl!r}')
 
     # -- geometry ---------------------------------------------------------------
-    def _reference_points(self, hk: int, wk: int, n: int, dtype, device) -> torch.Tensor:
-        """(n, Hk, Wk, 2) key reference points in (y, x), normalised to [-1, 1]-ish coordinates."""
+    def _reference_points(self, hk: int, wk: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """(Hk, Wk, 2) key reference points in (y, x), normalised to [-1, 1]-ish coordinates."""
         if self.arith == 'pp' and (hk < 2 or wk < 2):
             raise ValueError(
                 f'deformable attention (stride {self.stride}) got a {hk}x{wk} key grid; DAT++ reference points '
@@ -301,22 +339,20 @@ class DAttention(nn.Module):
         denom = (hk - 1, wk - 1) if self.arith == 'pp' else (hk, wk)
         ys = _centres(hk, dtype, device) / denom[0] * 2 - 1
         xs = _centres(wk, dtype, device) / denom[1] * 2 - 1
-        ref = torch.stack(torch.meshgrid(ys, xs, indexing='ij'), dim=-1)
-        return ref[None].expand(n, -1, -1, -1)
+        return torch.stack(torch.meshgrid(ys, xs, indexing='ij'), dim=-1)
 
-    def _query_grid(self, h: int, w: int, n: int, dtype, device) -> torch.Tensor:
-        """(n, H, W, 2) normalised query positions in (y, x)."""
+    def _query_grid(self, h: int, w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """(H, W, 2) normalised query positions in (y, x)."""
         if self.arith == 'pp':
             ys = torch.arange(h, dtype=dtype, device=device) / max(h - 1, 1) * 2 - 1
             xs = torch.arange(w, dtype=dtype, device=device) / max(w - 1, 1) * 2 - 1
         else:
             ys = _centres(h, dtype, device) / h * 2 - 1
             xs = _centres(w, dtype, device) / w * 2 - 1
-        grid = torch.stack(torch.meshgrid(ys, xs, indexing='ij'), dim=-1)
-        return grid[None].expand(n, -1, -1, -1)
+        return torch.stack(torch.meshgrid(ys, xs, indexing='ij'), dim=-1)
 
     def _sample_positions(self, offset: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        """Deformed sampling positions from raw offsets ``(B*g, 2, Hk, Wk)`` and reference points."""
+        """(B*g, Hk, Wk, 2) deformed sampling positions from raw offsets ``(B*g, 2, Hk, Wk)``."""
         hk, wk = offset.shape[-2:]
         factor = self.offset_range_factor
         if self.no_off:
@@ -333,14 +369,14 @@ class DAttention(nn.Module):
     def forward_with_points(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns ``(out, pos, ref)``; ``pos``/``ref`` are ``(B, groups, Hk, Wk, 2)`` in (y, x), [-1, 1]."""
         b, c, h, w = x.shape
-        g, hg, heads = self.groups, self.group_heads, self.heads
+        g, heads = self.groups, self.heads
         dtype, device = x.dtype, x.device
 
         q = self.proj_q(x)
         offset = self.conv_offset(q.reshape(b * g, self.group_dim, h, w))      # (B*g, 2, Hk, Wk)
         hk, wk = offset.shape[-2:]
         n_keys = hk * wk
-        ref = self._reference_points(hk, wk, b * g, dtype, device)
+        ref = self._reference_points(hk, wk, dtype, device)
         pos = self._sample_positions(offset, ref)
 
         if self.no_off:
@@ -358,50 +394,58 @@ class DAttention(nn.Module):
         v = self.proj_v(sampled).reshape(b * heads, self.head_dim, n_keys)
 
         lepe = bias = None
-        if self.rpe_table is not None:
-            if self.dwc_pe:
-                lepe = self.rpe_table(q.reshape(b, c, h, w)).reshape(b * heads, self.head_dim, h * w)
-            else:
-                bias = self._position_bias(pos, b, h, w, n_keys)               # (B*heads, HW, Ns)
+        if self.pos_enc == 'dwc':
+            lepe = self.rpe_table(q.reshape(b, c, h, w)).reshape(b * heads, self.head_dim, h * w)
+        elif self.pos_enc != 'none':
+            bias = self._position_bias(pos, b, h, w)                            # (B or 1, heads, HW, Ns)
 
-        if self._use_fused(x):
+        if use_fused(self.attn_impl, x):
             # One fused kernel (flash / memory-efficient / math by backend) instead of
             # materialising logits, softmax and weights separately; same arithmetic.
+            def heads_first(t: torch.Tensor, n: int) -> torch.Tensor:
+                return t.reshape(b, heads, self.head_dim, n).transpose(-1, -2)
             out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias,
-                dropout_p=self.attn_drop_p if self.training else 0.0, scale=self.scale).transpose(1, 2)
+                heads_first(q, h * w), heads_first(k, n_keys), heads_first(v, n_keys), attn_mask=bias,
+                dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale)
+            out = out.transpose(-1, -2).reshape(b * heads, self.head_dim, h * w)
         else:
             attn = torch.einsum('bcm,bcn->bmn', q, k) * self.scale              # (B*heads, HW, Ns)
             if bias is not None:
-                attn = attn + bias
+                attn = (attn.view(b, heads, h * w, n_keys) + bias).view(b * heads, h * w, n_keys)
             attn = self.attn_drop(attn.softmax(dim=2))
             out = torch.einsum('bmn,bcn->bcm', attn, v)
         if lepe is not None:
             out = out + lepe
         out = self.proj_drop(self.proj_out(out.reshape(b, c, h, w)))
-        return out, pos.reshape(b, g, hk, wk, 2), ref.reshape(b, g, hk, wk, 2)
+        ref = ref.expand(b, g, hk, wk, 2)
+        return out, pos.reshape(b, g, hk, wk, 2), ref
 
-    def _use_fused(self, x: torch.Tensor) -> bool:
-        if self.attn_impl == 'auto':
-            return x.is_cuda
-        return self.attn_impl == 'fused'
+    def _position_bias(self, pos: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
+        """Additive logit bias from the fixed, log-CPB or interpolated table.
 
-    def _position_bias(self, pos: torch.Tensor, b: int, h: int, w: int, n_keys: int) -> torch.Tensor:
-        """Additive logit bias (B*heads, HW, Ns) from the fixed, log-CPB or interpolated table."""
+        ``(1, heads, HW, Ns)`` for the fixed table (shared by the batch), else ``(B, heads, HW, Ns)``.
+        """
         g, hg, heads = self.groups, self.group_heads, self.heads
-        if self.fixed_pe:
-            return self.rpe_table[None].expand(b, -1, -1, -1).reshape(b * heads, h * w, n_keys)
-        grid = self._query_grid(h, w, b * g, pos.dtype, pos.device).reshape(b * g, h * w, 1, 2)
+        n_keys = pos.shape[1] * pos.shape[2]
+        if self.pos_enc == 'fixed':
+            if self.rpe_table.shape[1:] != (h * w, n_keys):
+                raise ValueError(f'deformable attention with a fixed position table was built for a '
+                                 f'{self.fmap_size}x{self.fmap_size} map, got {h}x{w}; use the input size the '
+                                 f'model was built for (img_size) or another pos_enc')
+            return self.rpe_table.view(1, heads, h * w, n_keys)
+        grid = self._query_grid(h, w, pos.dtype, pos.device).reshape(1, h * w, 1, 2)
         disp = grid - pos.reshape(b * g, 1, n_keys, 2)                          # (B*g, HW, Ns, 2)
-        if self.log_cpb:
+        if self.pos_enc == 'log_cpb':
             d = disp * 4.0
             d = torch.sign(d) * torch.log2(d.abs() + 1.0) / math.log2(8.0)
             bias = self.rpe_table(d)                                            # (B*g, HW, Ns, hg)
-            return bias.permute(0, 3, 1, 2).reshape(b * heads, h * w, n_keys)
-        table = self.rpe_table[None].expand(b, -1, -1, -1).reshape(b * g, hg, *self.rpe_table.shape[-2:])
-        bias = F.grid_sample(table, (disp * 0.5)[..., (1, 0)], mode='bilinear', padding_mode='zeros',
-                             align_corners=True)
-        return bias.reshape(b * heads, h * w, n_keys)
+            return bias.view(b, g, h * w, n_keys, hg).permute(0, 1, 4, 2, 3).reshape(b, heads, h * w, n_keys)
+        # Sample each group's table at every displacement of the batch at once: the table is the
+        # grid_sample input (batch = groups) and the batch moves into the grid, so it is never expanded.
+        table = self.rpe_table.view(g, hg, *self.rpe_table.shape[-2:])
+        grid = (disp * 0.5)[..., (1, 0)].view(b, g, h * w, n_keys, 2).transpose(0, 1).reshape(g, b * h * w, n_keys, 2)
+        bias = F.grid_sample(table, grid, mode='bilinear', padding_mode='zeros', align_corners=True)
+        return bias.view(g, hg, b, h * w, n_keys).permute(2, 0, 1, 3, 4).reshape(b, heads, h * w, n_keys)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_points(x)[0]

@@ -64,8 +64,8 @@ class FusedKQnA(nn.Module):
     """Learned-query attention over ``kernel_size x kernel_size`` windows.
 
     Args:
-        nq: number of learned queries (``nqs[i]`` in the DAT config).
         dim: channels ``C`` of the input and output map.
+        nq: number of learned queries (``nqs[i]`` in the DAT config).
         num_heads: attention heads (``heads_q[i]``); head width is ``dim // num_heads``.
         kernel_size: odd window size (``ksize_qnas[i]``); the map size is preserved.
         activation: 'exp' (softmax-like, the default), 'sigmoid' or 'linear'
@@ -74,7 +74,7 @@ class FusedKQnA(nn.Module):
     Input and output are NCHW maps of shape ``(B, dim, H, W)``.
     """
 
-    def __init__(self, nq: int, dim: int, num_heads: int, kernel_size: int, activation: str = 'exp'):
+    def __init__(self, dim: int, *, nq: int, num_heads: int, kernel_size: int, activation: str = 'exp'):
         super().__init__()
         if nq < 1:
             raise ValueError(f'FusedKQnA: nq must be >= 1, got {nq}.')

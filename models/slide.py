@@ -44,7 +44,7 @@ class SlideAttention(nn.Module):
     Input and output are NCHW maps of shape ``(B, dim, H, W)``.
     """
 
-    def __init__(self, dim: int, num_heads: int, ka: int = 3, qkv_bias: bool = True,
+    def __init__(self, dim: int, *, num_heads: int, ka: int = 3, qkv_bias: bool = True,
                  qk_scale: Optional[float] = None, attn_drop: float = 0., proj_drop: float = 0.,
                  dim_reduction: int = 4, rpb: bool = True):
         super().__init__()

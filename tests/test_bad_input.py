@@ -128,9 +128,9 @@ CASES: List[tuple] = [
     ('output-under-proc',
      lambda t, d, c: [*tiny_args(d), '--output', '/proc/dat_output'], 2,
      ["cannot create output folder /proc/dat_output/", "choose another --output"]),
-    ('input-size-incompatible',        # a window-7 block on a 16x16 first stage
-     lambda t, d, c: tiny_args(d, 'MODEL.DAT.stage_spec', "[['L'],['N'],['N','D'],['D']]"), 2,
-     ["DATA.IMG_SIZE 64", "window attention needs feature maps divisible by window_size=7, got 16x16"]),
+    ('input-size-incompatible',        # a stride-16 deformable block on a 16x16 first stage: 1x1 keys
+     lambda t, d, c: tiny_args(d, 'MODEL.DAT.strides', '[16,2,2,1]'), 2,
+     ["DATA.IMG_SIZE 64", "deformable attention (stride 16) got a 1x1 key grid"]),
     ('loss-diverges',                  # resumes from the good checkpoint, then a huge learning rate
      lambda t, d, c: tiny_args(d, 'TRAIN.BASE_LR', '1e8', 'TRAIN.MAX_NONFINITE_STEPS', '3'), 3,
      ["loss was non-finite for 3 optimizer steps in a row", "stopped without saving",

@@ -397,12 +397,33 @@ def test_load_pretrained_without_map_trains_a_fresh_head(tmp_path, caplog):
     assert 'fresh' in caplog.text and '30 classes' in caplog.text
 
 
+def test_load_pretrained_other_family_through_its_filter_with_a_fresh_head(tmp_path, caplog):
+    """MODEL.TYPE timm: the backbone loads, a classifier for other classes stays the model's own."""
+    from models import build_model
+    opts = ['MODEL.TYPE', 'timm', 'MODEL.TIMM.NAME', 'resnet10t', 'MODEL.TIMM.DROP_PATH_RATE', 'None']
+    source = build_model(load_config(opts=opts + ['MODEL.NUM_CLASSES', '10']))
+    path = str(tmp_path / 'pre.pth')
+    atomic_save({'model': source.state_dict()}, path)
+    config = load_config(opts=opts + ['MODEL.NUM_CLASSES', '3', 'MODEL.PRETRAINED', path])
+    target = build_model(config)
+    fresh = target.fc.weight.detach().clone()
+    with caplog.at_level(logging.WARNING, logger='test_checkpoint'):
+        load_pretrained(config, target, LOG)
+    assert torch.equal(target.fc.weight, fresh) and 'head not loaded' in caplog.text
+    assert torch.equal(target.conv1[0].weight, source.conv1[0].weight)
+    partial = {k: v for k, v in source.state_dict().items() if not k.startswith('layer4.')}
+    atomic_save({'model': partial}, path)
+    with pytest.raises(CheckpointError, match='does not fit the model') as info:
+        load_pretrained(config, build_model(config), LOG)
+    assert 'layer4.' in _one_line(info.value)
+
+
 def test_load_pretrained_bad_map_file_is_explained(tmp_path):
     path = str(tmp_path / 'pre.pth')
     atomic_save({'model': MiniDat(classes=30).state_dict()}, path)
     map_file = tmp_path / 'map.txt'
     map_file.write_text('1\n2\n40\n')
-    with pytest.raises(CheckpointError, match='NUM_CLASSES') as info:
+    with pytest.raises(CheckpointError, match=r"class map holds 3 indices .* needs 5 .* below 30") as info:
         load_pretrained(_pretrained_config(path, str(map_file)), MiniDat(classes=5), LOG)
     _one_line(info.value)
 

@@ -17,20 +17,20 @@ sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402,F401  (registers the timm names)
 from config import load_config  # noqa: E402
-from models import build_model  # noqa: E402
+from models import build_model, create_from_yaml  # noqa: E402
 
 # A small DAT++ layout (N and D blocks, conv stem, LPU, DWC-MLP), dims 16..128, from configs/demo.yaml.
 SMALL_CFG = str(ROOT / 'configs' / 'demo.yaml')
 SMALL_OPTS = ['MODEL.DAT.dim_stem', '16', 'MODEL.DAT.dims', '[16,32,64,128]', 'MODEL.DAT.heads', '[1,2,4,8]']
 DIMS = [16, 32, 64, 128]
 STRIDES = [4, 8, 16, 32]
-# A window (L/S) layout: maps must be multiples of window * 32 = 224.
+# A window (L/S) layout: maps that are not multiples of the window are padded (as in Swin).
 WINDOW_CFG = ROOT.parent / 'shared' / 'fixtures' / 'dat_official' / 'mini_window.yaml'
 
 
 def small_features(**kwargs):
     """The small layout through timm as a features_only backbone."""
-    return timm.create_model('dat_custom', cfg_file=SMALL_CFG, features_only=True, dim_stem=16, dims=DIMS,
+    return create_from_yaml(SMALL_CFG, features_only=True, dim_stem=16, dims=DIMS,
                              heads=[1, 2, 4, 8], **kwargs)
 
 
@@ -113,11 +113,32 @@ def test_dat_pp_tiny_features() -> None:
 
 
 @pytest.mark.skipif(not WINDOW_CFG.is_file(), reason=f'{WINDOW_CFG} not found')
-def test_window_layout_needs_multiples_of_224() -> None:
-    backbone = timm.create_model('dat_custom', cfg_file=str(WINDOW_CFG), features_only=True).eval()
+def test_window_layout_takes_any_size() -> None:
+    """Window blocks pad maps to a multiple of the window and crop back: multiples of 224 run
+    unpadded (the official arithmetic, see the fixtures), other sizes give maps of the usual strides."""
+    torch.manual_seed(0)
+    backbone = create_from_yaml(str(WINDOW_CFG), features_only=True).eval()
     dims = list(load_config(str(WINDOW_CFG)).MODEL.DAT.dims)
     with torch.no_grad():
-        maps = backbone(torch.randn(1, 3, 224, 448))
-    assert [tuple(m.shape) for m in maps] == [(1, dims[i], 224 // s, 448 // s) for i, s in enumerate(STRIDES)]
-    with pytest.raises(ValueError, match='divisible by window_size'):
-        backbone(torch.randn(1, 3, 256, 320))
+        for size in ((224, 448), (100, 92), (256, 320)):
+            maps = backbone(torch.randn(1, 3, *size))
+            # patch and down-projection convs without padding: every stride floors
+            assert [tuple(m.shape) for m in maps] == [
+                (1, dims[i], size[0] // 4 // 2 ** i, size[1] // 4 // 2 ** i) for i in range(4)]
+            assert all(torch.isfinite(m).all() for m in maps)
+
+
+def test_window_padding_is_zero_padding_after_the_norm() -> None:
+    """Window attention on a 5x9 map equals attention on the map zero-padded to 7x14, cropped; the
+    shifted block builds the mask of a padded size by the rule of its buffer."""
+    from models.dat_blocks import LocalAttention, ShiftWindowAttention, shifted_window_mask
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 5, 9, dtype=torch.float64)
+    local = LocalAttention(8, heads=2, window_size=7).double().eval()
+    shifted = ShiftWindowAttention(8, heads=2, window_size=7, fmap_size=12).double().eval()
+    with torch.no_grad():
+        assert torch.equal(local(x), local._attend(torch.nn.functional.pad(x, (0, 5, 0, 2)), None)[..., :5, :9])
+        assert shifted(x).shape == x.shape and torch.isfinite(shifted(x)).all()
+    assert shifted.attn_mask.shape == (4, 49, 49)                          # built for 12 -> padded 14
+    assert torch.equal(shifted.attn_mask, shifted_window_mask(14, 14, 7, 4))

@@ -20,7 +20,7 @@ _ACT = {
 def _make(nq, dim, heads, k, activation='exp', seed=0):
     """Module in float64 with every parameter moved well away from its small init."""
     torch.manual_seed(seed)
-    m = FusedKQnA(nq, dim, heads, k, activation=activation).double()
+    m = FusedKQnA(dim, nq=nq, num_heads=heads, kernel_size=k, activation=activation).double()
     with torch.no_grad():
         m.q_param.normal_()
         m.attn_scale.normal_(1.0, 0.5)
@@ -105,7 +105,7 @@ def test_gradcheck_input_and_parameters():
 @pytest.mark.parametrize('k,hw', [(3, (7, 5)), (5, (3, 9)), (3, (1, 1)), (1, (5, 2))])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 def test_odd_and_non_square_maps_keep_size(k, hw, dtype):
-    m = FusedKQnA(2, 12, 3, k).to(dtype)
+    m = FusedKQnA(12, nq=2, num_heads=3, kernel_size=k).to(dtype)
     x = torch.randn(2, 12, *hw, dtype=dtype, requires_grad=True)
     y = m(x)
     assert y.shape == x.shape and y.dtype == dtype
@@ -130,7 +130,7 @@ def test_float32_is_batch_independent_when_sample_scales_differ():
 
 def test_parameter_names_shapes_and_init():
     torch.manual_seed(0)
-    m = FusedKQnA(3, 32, 4, 5)
+    m = FusedKQnA(32, nq=3, num_heads=4, kernel_size=5)
     shapes = {n: tuple(p.shape) for n, p in m.named_parameters()}
     assert shapes == {
         'q_param': (3, 32), 'attn_scale': (1, 1, 25, 12), 'rpb_table': (25, 12),
@@ -147,7 +147,7 @@ def test_loads_official_state_dict_strictly():
     sd = torch.load(FIXTURE, weights_only=True)['state_dict']
     for prefix, dim, heads in [('stages.0.attns.0.', 16, 2), ('stages.1.attns.0.', 32, 4)]:
         sub = {n[len(prefix):]: t for n, t in sd.items() if n.startswith(prefix)}
-        m = FusedKQnA(2, dim, heads, 1).double()
+        m = FusedKQnA(dim, nq=2, num_heads=heads, kernel_size=1).double()
         m.load_state_dict(sub, strict=True)
         assert m(torch.randn(1, dim, 3, 5, dtype=torch.float64)).shape == (1, dim, 3, 5)
 
@@ -159,11 +159,12 @@ def test_loads_official_state_dict_strictly():
 ])
 def test_bad_arguments_raise_one_line_errors(args, match):
     with pytest.raises(ValueError, match=match):
-        FusedKQnA(*args)
+        nq, dim, heads, k = args
+        FusedKQnA(dim, nq=nq, num_heads=heads, kernel_size=k)
 
 
 def test_bad_activation_and_channel_count():
     with pytest.raises(ValueError, match='unknown activation'):
-        FusedKQnA(2, 12, 3, 3, activation='softmax')
+        FusedKQnA(12, nq=2, num_heads=3, kernel_size=3, activation='softmax')
     with pytest.raises(ValueError, match='expected 12 input channels'):
-        FusedKQnA(2, 12, 3, 3)(torch.randn(1, 8, 4, 4))
+        FusedKQnA(12, nq=2, num_heads=3, kernel_size=3)(torch.randn(1, 8, 4, 4))

@@ -14,7 +14,7 @@ FIXTURE = Path(__file__).resolve().parents[1] / '..' / 'shared' / 'fixtures' / '
 def _make(dim=32, heads=2, ka=3, seed=0, perturb_shift=False):
     """Module in float64 with the trainable parameters moved well away from their init."""
     torch.manual_seed(seed)
-    m = SlideAttention(dim, heads, ka).double()
+    m = SlideAttention(dim, num_heads=heads, ka=ka).double()
     with torch.no_grad():
         m.relative_position_bias_table.normal_(0.0, 0.5)
         m.dep_conv.bias.normal_(0.0, 0.3)
@@ -74,7 +74,7 @@ def test_matches_brute_force_single_head_window5():
 
 
 def test_shift_kernel_is_frozen_one_hot():
-    m = SlideAttention(32, 2)
+    m = SlideAttention(32, num_heads=2)
     w = m.dep_conv.weight
     assert not w.requires_grad and w.shape == (36, 1, 3, 3)
     for c in range(4):
@@ -94,7 +94,7 @@ def test_shift_kernel_is_frozen_one_hot():
 
 
 def test_gradients_reach_everything_but_the_shift_kernel():
-    m = SlideAttention(32, 2)
+    m = SlideAttention(32, num_heads=2)
     m(torch.randn(2, 32, 5, 4)).square().sum().backward()
     assert m.dep_conv.weight.grad is None
     for name, p in m.named_parameters():
@@ -107,7 +107,7 @@ def test_gradients_reach_everything_but_the_shift_kernel():
 
 def test_dep_conv1_keeps_default_init():
     torch.manual_seed(0)
-    m = SlideAttention(32, 2)
+    m = SlideAttention(32, num_heads=2)
     w = m.dep_conv1.weight
     assert w.abs().max() <= 1 / 3 and w.std() > 0.1   # PyTorch default, fan_in 9: U(-1/3, 1/3)
 
@@ -126,7 +126,7 @@ def test_gradcheck_input_and_parameters():
 
 
 def test_parameter_shapes_and_scale():
-    m = SlideAttention(32, 2)
+    m = SlideAttention(32, num_heads=2)
     shapes = {n: tuple(t.shape) for n, t in m.state_dict().items()}
     assert shapes == {
         'qkv.weight': (24, 32), 'qkv.bias': (24,), 'proj.weight': (32, 8), 'proj.bias': (32,),
@@ -140,7 +140,7 @@ def test_parameter_shapes_and_scale():
 @pytest.mark.parametrize('hw', [(7, 5), (1, 1), (2, 9)])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 def test_odd_and_non_square_maps_keep_size(hw, dtype):
-    m = SlideAttention(16, 2).to(dtype)
+    m = SlideAttention(16, num_heads=2).to(dtype)
     y = m(torch.randn(2, 16, *hw, dtype=dtype))
     assert y.shape == (2, 16, *hw) and y.dtype == dtype and torch.isfinite(y).all()
 
@@ -150,7 +150,7 @@ def test_loads_official_state_dict_and_keeps_kernel_frozen():
     sd = torch.load(FIXTURE, weights_only=True)['state_dict']
     prefix = 'stages.1.attns.0.'
     sub = {n[len(prefix):]: t for n, t in sd.items() if n.startswith(prefix)}
-    m = SlideAttention(32, 2).double()
+    m = SlideAttention(32, num_heads=2).double()
     m.load_state_dict(sub, strict=True)
     assert not m.dep_conv.weight.requires_grad
     torch.testing.assert_close(m.dep_conv.weight, sub['dep_conv.weight'])
@@ -160,8 +160,8 @@ def test_loads_official_state_dict_and_keeps_kernel_frozen():
 
 def test_bad_arguments_raise_one_line_errors():
     with pytest.raises(ValueError, match='divisible by dim_reduction'):
-        SlideAttention(24, 4)
+        SlideAttention(24, num_heads=4)
     with pytest.raises(ValueError, match='positive odd'):
-        SlideAttention(32, 2, ka=2)
+        SlideAttention(32, num_heads=2, ka=2)
     with pytest.raises(ValueError, match='expected 32 input channels'):
-        SlideAttention(32, 2)(torch.randn(1, 16, 4, 4))
+        SlideAttention(32, num_heads=2)(torch.randn(1, 16, 4, 4))

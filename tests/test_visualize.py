@@ -112,7 +112,7 @@ def test_attention_capture_and_top_keys(files) -> None:
             hooked = model(x)
         after = model(x)
     assert torch.equal(plain, hooked) and torch.equal(plain, after)      # outputs unchanged, hooks removed
-    assert all(m.attn_impl == 'auto' for m in model.modules() if hasattr(m, 'attn_impl') and hasattr(m, 'proj_q'))
+    assert {m.attn_impl for m in model.modules() if hasattr(m, 'attn_impl') and hasattr(m, 'proj_q')} == {'reference'}
     assert sorted(captured) == [(0, 0), (2, 1), (3, 0)]
     for (stage, block), got in captured.items():
         attn = got['attn']
@@ -171,3 +171,12 @@ def test_command_line_errors(files, tmp_path, capsys) -> None:
     assert main(['--cfg', CFG, '--ckpt', files['ckpt'], '--image', files['image'], '--out', str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert 'does not fit the model' in err and len(err.strip().splitlines()) == 1
+
+
+def test_fused_model_is_refused_by_the_capture(files) -> None:
+    """Fused kernels never form the weights: the capture says how to build the model instead."""
+    only_deformable = ['MODEL.DAT.stage_spec', "[['D'], ['D'], ['D', 'D'], ['D']]"]
+    model, _ = load_model(CFG, None, [*OPTS, *only_deformable, 'MODEL.ATTN_IMPL', 'fused'])
+    x, _ = load_image(files['image'], (64, 96))
+    with pytest.raises(RuntimeError, match='ATTN_IMPL reference'):
+        deformable_points(model, x)

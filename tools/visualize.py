@@ -77,11 +77,11 @@ def capture_deformable_attention(model: nn.Module) -> Iterator[Dict[Tuple[int, i
     """Record, per deformable block keyed (stage, block), its input map size ``'fmap'`` (h, w) and
     its softmax attention ``'attn'`` (B*heads, h*w, Ns).
 
-    The map size is read from the input of the block's query projection. While capturing, the
-    blocks use their unfused path (a fused kernel never forms the weights; the arithmetic is the
-    same), and a forward hook on each block's attention dropout sees the weights right after the softmax;
-    in eval mode the dropout is the identity, so they are exactly the weights used. The model's
-    outputs are unchanged and the hooks are removed on exit.
+    The map size is read from the input of the block's query projection, and a forward hook on
+    each block's attention dropout sees the weights right after the softmax (in eval mode the
+    dropout is the identity, so they are exactly the weights used). That needs the unfused path:
+    build the model with ``MODEL.ATTN_IMPL reference`` (as :func:`load_model` does); a fused kernel
+    never forms the weights. The model's outputs are unchanged and the hooks are removed on exit.
     """
     captured: Dict[Tuple[int, int], dict] = {}
     handles = []
@@ -96,22 +96,16 @@ def capture_deformable_attention(model: nn.Module) -> Iterator[Dict[Tuple[int, i
             captured.setdefault(key, {})['attn'] = inputs[0].detach()
         return hook
 
-    impls = {}
     for i, stage in enumerate(model.stages):
         for d, attn in enumerate(stage.attns):
             if isinstance(attn, DAttention):
                 handles.append(attn.proj_q.register_forward_pre_hook(on_input((i, d))))
                 handles.append(attn.attn_drop.register_forward_hook(on_attention((i, d))))
-                if hasattr(attn, 'attn_impl'):
-                    impls[attn] = attn.attn_impl
-                    attn.attn_impl = 'reference'
     try:
         yield captured
     finally:
         for h in handles:
             h.remove()
-        for attn, impl in impls.items():
-            attn.attn_impl = impl
 
 
 @torch.no_grad()
@@ -128,8 +122,8 @@ def deformable_points(model: nn.Module, x: torch.Tensor, query: Optional[Tuple[f
         _, positions, _ = model.sampling_points(x)
     keys = sorted(captured)           # (stage, block) of the deformable blocks, in forward order
     if any('attn' not in captured[key] for key in keys):
-        raise RuntimeError('deformable attention weights were not captured (the block no longer applies '
-                           'attn_drop to its softmax); update tools/visualize.capture_deformable_attention')
+        raise RuntimeError("deformable attention weights were not captured: build the model with "
+                           "MODEL.ATTN_IMPL reference (fused kernels never form the weights)")
     flat = [p for stage in positions for p in stage]
     if len(flat) != len(keys):
         raise RuntimeError(f'{len(flat)} deformable point sets but {len(keys)} attention maps were captured')
@@ -233,7 +227,8 @@ def load_model(cfg_file: str, ckpt: Optional[str], opts: Sequence[str] = (), ema
     from models import build_model
     from checkpoint import CheckpointError, load_checkpoint_file, load_model_state, unwrap_state_dict
 
-    config = load_config(cfg_file, opts=opts)
+    # The reference kernels form the attention weights the capture reads (opts may override).
+    config = load_config(cfg_file, opts=['MODEL.ATTN_IMPL', 'reference', *opts])
     model = build_model(config)
     if ckpt:
         data = load_checkpoint_file(ckpt)
