@@ -690,9 +690,10 @@ RELEASED_FILES = {
 
 def pretrained_cfg_for(img_size: int = 224, crop_pct: float = 0.875, num_classes: int = 1000,
                        paper: str = 'arXiv:2309.01430') -> Dict[str, Any]:
-    """timm pretrained-cfg fields of a DAT evaluated at ``img_size``."""
+    """timm pretrained-cfg fields of a DAT evaluated at ``img_size``. The official evaluation resizes
+    to a square (``crop_mode='squash'``: the aspect ratio is not kept), then centre-crops."""
     return dict(num_classes=num_classes, input_size=(3, img_size, img_size), pool_size=(img_size // 32,) * 2,
-                crop_pct=crop_pct, interpolation='bicubic', mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                crop_pct=crop_pct, crop_mode='squash', interpolation='bicubic', mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
                 first_conv='patch_proj.0', classifier='cls_head', license='apache-2.0', paper_ids=paper,
                 origin_url='https://github.com/LeapLabTHU/DAT')
 

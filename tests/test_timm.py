@@ -432,3 +432,19 @@ def test_safetensors_export_ema_and_errors(tmp_path: Path, capsys) -> None:
     assert "no 'ema' weights" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / 'x.safetensors').exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith('.')] == []     # no temp files left
+
+
+@pytest.mark.parametrize('name,cfg_name', [('dat_pp_tiny', 'dat_tiny.yaml'), ('dat_pp_base_384', 'dat_base_384.yaml')])
+def test_timm_eval_transform_equals_the_projects(name, cfg_name):
+    """timm's transform from the registered cfg (squash resize + centre crop) is the official one
+    that --eval uses, pixel for pixel, on a non-square image."""
+    import numpy as np
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    from data.build import build_transform
+    model = timm.create_model(name, pretrained=False, device='meta')
+    ours = build_transform(is_train=False, config=load_config(str(CONFIG_DIR / cfg_name)))
+    theirs = create_transform(**resolve_data_config({}, model=model))
+    img = Image.fromarray((np.random.RandomState(0).rand(300, 500, 3) * 255).astype('uint8'))
+    assert torch.equal(theirs(img), ours(img))
