@@ -7,6 +7,7 @@ only ``test_train`` trains the demo config for accuracy.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -28,6 +29,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = REPO.parent / 'shared' / 'fixtures'
 
 
+IN_CI = os.environ.get('CI', '').lower() in ('1', 'true', 'yes')
+# For tests that read ../shared/fixtures: skipped, with the reason, outside CI when the folder is
+# missing; under CI they run and fail.
+needs_fixtures = pytest.mark.skipif(not SHARED_FIXTURES.is_dir() and not IN_CI,
+                                    reason=f'official fixtures not found at {SHARED_FIXTURES} (../shared beside the checkout)')
+
+
 def fixture_dir(name: str) -> Path:
     """``../shared/fixtures/<name>`` (official float64 outputs). Outside CI a missing folder skips
     the calling test with the reason; under CI (``CI=true``) it fails: the fixtures are the ground
@@ -35,10 +43,26 @@ def fixture_dir(name: str) -> Path:
     path = SHARED_FIXTURES / name
     if not path.is_dir():
         message = f'official fixtures not found at {path} (../shared beside the checkout)'
-        if os.environ.get('CI', '').lower() in ('1', 'true', 'yes'):
+        if IN_CI:
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
     return path
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-300) -> float:
+    """Max absolute difference relative to the largest reference magnitude (the fixtures' measure)."""
+    return (actual - expected).abs().max().item() / max(expected.abs().max().item(), floor)
+
+
+@contextlib.contextmanager
+def float64_default():
+    """Build modules in float64 (the default dtype), so fixture weights load without rounding."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
 
 
 def pytest_configure(config) -> None:

@@ -23,9 +23,9 @@ sys.path.insert(0, ROOT)
 from config import load_config  # noqa: E402
 from checkpoint import (CheckpointError, CheckpointManager, atomic_save, find_resume,  # noqa: E402
                         load_checkpoint_file, load_model_state, unwrap_state_dict)
+from conftest import fixture_dir  # noqa: E402
 from utils import get_rng_state, load_pretrained, set_rng_state  # noqa: E402
 
-FIXTURES = os.path.join(ROOT, '..', 'shared', 'fixtures', 'dat_official')
 LOG = logging.getLogger('test_checkpoint')
 
 
@@ -441,14 +441,12 @@ def test_load_pretrained_refuses_to_leave_backbone_weights_unloaded(tmp_path):
 
 def test_load_pretrained_on_real_model_at_higher_resolution(tmp_path):
     """Official mini_pp weights (64 px, rpe 15x15 at stage 1) fine-tuned at 96 px (rpe 23x23)."""
-    models = pytest.importorskip('models', reason='models/ is not importable yet')
-    fixture = os.path.join(FIXTURES, 'mini_pp.pt')
-    if not hasattr(models, 'build_model') or not os.path.isfile(fixture):
-        pytest.skip('models.build_model or the mini_pp fixture is not available')
-    sd = torch.load(fixture, map_location='cpu', weights_only=True)['state_dict']
+    import models
+    folder = fixture_dir('dat_official')
+    sd = torch.load(folder / 'mini_pp.pt', map_location='cpu', weights_only=True)['state_dict']
     path = str(tmp_path / 'mini_pp.pth')
     atomic_save({'model': sd}, path)
-    config = load_config(os.path.join(FIXTURES, 'mini_pp.yaml'),
+    config = load_config(str(folder / 'mini_pp.yaml'),
                          opts=['MODEL.DAT.img_size', '96', 'DATA.IMG_SIZE', '96', 'MODEL.PRETRAINED', path])
     model = models.build_model(config).double()
     load_pretrained(config, model, LOG)

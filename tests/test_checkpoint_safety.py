@@ -12,9 +12,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import uuid
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import pytest
 import torch

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from conftest import REPO, TINY_DATA_OPTS, EXACT_OPTS, fixture_dir, load_ckpt, run_main  # noqa: E402
+from conftest import REPO, TINY_DATA_OPTS, EXACT_OPTS, fixture_dir, float64_default, load_ckpt, rel_err, run_main  # noqa: E402
 from config import load_config  # noqa: E402
 from models import build_model  # noqa: E402
 from models.debiformer import (DeBiFormer, _route, checkpoint_filter_fn,  # noqa: E402
@@ -31,22 +30,8 @@ OFFICIAL_PARAMS = {'debiformer_tiny': 21_495_598, 'debiformer_small': 44_008_028
 SMALL = dict(depth=(1, 1, 1, 1), embed_dim=(64, 128, 256, 512), n_win=2, num_classes=5)
 
 
-@contextmanager
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-300) -> float:
-    return (actual - expected).abs().max().item() / max(expected.abs().max().item(), floor)
 
 
 def load_fixture(name: str, **overrides):
@@ -112,7 +97,7 @@ def test_fused_equals_reference_when_every_region_is_routed() -> None:
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     for auto_pad, inputs in ((False, x), (True, x[:1, :, :50, :61])):
         torch.manual_seed(0)
-        with float64():
+        with float64_default():
             model = DeBiFormer(depth=(1, 1, 0, 0), embed_dim=(64, 128, 16, 16), n_win=2, auto_pad=auto_pad).eval()
         with torch.no_grad():
             expected = model(inputs)
@@ -209,7 +194,7 @@ def test_grad_checkpointing_gives_the_same_gradients() -> None:
     grads = []
     for enable in (False, True):
         torch.manual_seed(0)
-        with float64():
+        with float64_default():
             model = DeBiFormer(depth=(1, 1, 0, 0), embed_dim=(64, 128, 16, 16), n_win=2, num_classes=3)
         model.set_grad_checkpointing(enable)
         model.train()
@@ -259,7 +244,7 @@ def test_pretrained_from_local_official_file(tmp_path: Path) -> None:
     data = torch.load(folder / 'mini_tiny_g1.pt', weights_only=True)
     path = tmp_path / 'debi_mini.pth'
     torch.save({'model': {'module.' + k: v for k, v in data['state_dict'].items()}, 'epoch': 299}, path)
-    with float64():
+    with float64_default():
         model = timm.create_model('debiformer_tiny', pretrained=True, num_classes=10,
                                   pretrained_cfg_overlay=dict(file=str(path), num_classes=10),
                                   depth=(1, 0, 0, 0), embed_dim=(64, 32, 32, 32), topks=(-2, -2, -2, -2))

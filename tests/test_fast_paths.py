@@ -3,16 +3,15 @@ model with fused kernels on CUDA (skipped without a GPU), and ``torch.compile`` 
 block in one graph without breaks or recompiles."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 
 from config import load_config
+from conftest import SHARED_FIXTURES, needs_fixtures
 from models import DAT, build_model
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / 'shared' / 'fixtures' / 'dat_official'
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f'fixtures not found at {FIXTURES}')
+FIXTURES = SHARED_FIXTURES / 'dat_official'
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA fast paths need a GPU')
 
 

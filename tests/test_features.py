@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402,F401  (registers the timm names)
 from config import load_config  # noqa: E402
+from conftest import SHARED_FIXTURES, needs_fixtures  # noqa: E402
 from models import build_model, create_from_yaml  # noqa: E402
 
 # A small DAT++ layout (N and D blocks, conv stem, LPU, DWC-MLP), dims 16..128, from configs/demo.yaml.
@@ -25,7 +26,7 @@ SMALL_OPTS = ['MODEL.DAT.dim_stem', '16', 'MODEL.DAT.dims', '[16,32,64,128]', 'M
 DIMS = [16, 32, 64, 128]
 STRIDES = [4, 8, 16, 32]
 # A window (L/S) layout: maps that are not multiples of the window are padded (as in Swin).
-WINDOW_CFG = ROOT.parent / 'shared' / 'fixtures' / 'dat_official' / 'mini_window.yaml'
+WINDOW_CFG = SHARED_FIXTURES / 'dat_official' / 'mini_window.yaml'
 
 
 def small_features(**kwargs):
@@ -112,7 +113,7 @@ def test_dat_pp_tiny_features() -> None:
     assert all(torch.isfinite(m).all() for m in maps)
 
 
-@pytest.mark.skipif(not WINDOW_CFG.is_file(), reason=f'{WINDOW_CFG} not found')
+@needs_fixtures
 def test_window_layout_takes_any_size() -> None:
     """Window blocks pad maps to a multiple of the window and crop back: multiples of 224 run
     unpadded (the official arithmetic, see the fixtures), other sizes give maps of the usual strides."""

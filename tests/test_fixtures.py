@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from config import load_config
+from conftest import SHARED_FIXTURES as FIXTURES, needs_fixtures, rel_err  # noqa: F401  (rel_err: re-exported)
 from models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / 'shared' / 'fixtures'
 RTOL = 1e-9
 # Some gradients are zero in exact arithmetic (a key bias shifts every logit of a query
 # equally, and softmax ignores that; Q with kernel 1 cancels its query path): the
@@ -19,14 +19,7 @@ RTOL = 1e-9
 # is meaningful. Every real gradient in the fixtures is above 1e-4.
 ZERO_GRAD = 1e-12
 
-pytestmark = pytest.mark.skipif(
-    not FIXTURES.is_dir(), reason=f'official fixtures not found at {FIXTURES} (../shared beside the checkout)')
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Max absolute difference relative to the largest reference magnitude."""
-    scale = expected.abs().max().item()
-    return (actual - expected).abs().max().item() / max(scale, 1e-300)
+pytestmark = needs_fixtures
 
 
 def fixture_names(folder: str) -> Sequence[str]:

@@ -1,14 +1,14 @@
 """Learned-query attention (models/qna.py) against a loop written from the formula."""
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch.func import functional_call
 
+from conftest import SHARED_FIXTURES, needs_fixtures
 from models.qna import FusedKQnA
 
-FIXTURE = Path(__file__).resolve().parents[1] / '..' / 'shared' / 'fixtures' / 'dat_official' / 'mini_qna.pt'
+FIXTURE = SHARED_FIXTURES / 'dat_official' / 'mini_qna.pt'
 
 _ACT = {
     'exp': np.exp,  # deliberately unshifted: the module's max shift must cancel
@@ -142,7 +142,7 @@ def test_parameter_names_shapes_and_init():
     assert m.rpb_table.std() < 0.05 and m.attn_scale.std() < 0.05
 
 
-@pytest.mark.skipif(not FIXTURE.exists(), reason=f'official fixture not found at {FIXTURE}')
+@needs_fixtures
 def test_loads_official_state_dict_strictly():
     sd = torch.load(FIXTURE, weights_only=True)['state_dict']
     for prefix, dim, heads in [('stages.0.attns.0.', 16, 2), ('stages.1.attns.0.', 32, 4)]:

@@ -1,14 +1,14 @@
 """Slide attention (models/slide.py) against a loop over pixels and window taps."""
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch.func import functional_call
 
+from conftest import SHARED_FIXTURES, needs_fixtures
 from models.slide import SlideAttention
 
-FIXTURE = Path(__file__).resolve().parents[1] / '..' / 'shared' / 'fixtures' / 'dat_official' / 'mini_mix.pt'
+FIXTURE = SHARED_FIXTURES / 'dat_official' / 'mini_mix.pt'
 
 
 def _make(dim=32, heads=2, ka=3, seed=0, perturb_shift=False):
@@ -145,7 +145,7 @@ def test_odd_and_non_square_maps_keep_size(hw, dtype):
     assert y.shape == (2, 16, *hw) and y.dtype == dtype and torch.isfinite(y).all()
 
 
-@pytest.mark.skipif(not FIXTURE.exists(), reason=f'official fixture not found at {FIXTURE}')
+@needs_fixtures
 def test_loads_official_state_dict_and_keeps_kernel_frozen():
     sd = torch.load(FIXTURE, weights_only=True)['state_dict']
     prefix = 'stages.1.attns.0.'

@@ -7,7 +7,6 @@ import ast
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,29 +23,18 @@ from models import (RELEASED_FILES, VARIANTS, CheckpointMismatchError, build_mod
                     create_from_yaml, load_pretrained)
 from models.build import official_dat_kwargs, position_encoding  # noqa: E402
 from models.dat import resize_position_table  # noqa: E402
-from test_fixtures import FIXTURES, check_logits, rel_err  # noqa: E402
+from conftest import SHARED_FIXTURES as FIXTURES, float64_default, needs_fixtures, rel_err  # noqa: E402
+from test_fixtures import check_logits  # noqa: E402
 from test_param_counts import OFFICIAL_PARAMS  # noqa: E402
 
 CONFIG_DIR = ROOT / 'configs'
 DAT_PP = ['dat_pp_tiny', 'dat_pp_small', 'dat_pp_base', 'dat_pp_base_384', 'dat_plus_tiny']
 DAT_V1 = ['dat_v1_tiny', 'dat_v1_small', 'dat_v1_base', 'dat_v1_base_384']
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f'official fixtures not found at {FIXTURES}')
 DEMO = str(CONFIG_DIR / 'demo.yaml')
 
 
 def _n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-@contextmanager
-def _float64():
-    """Build models in float64 so fixture weights load without rounding."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 def _write_official(tmp_path: Path, name: str, state_dict: dict, prefix: str = 'module.') -> str:
@@ -241,7 +229,7 @@ def test_fixture_loads_through_timm(tmp_path: Path, folder: str, name: str) -> N
     data, yaml = _fixture(folder, name)
     ckpt = _write_official(tmp_path, name, data['state_dict'])
     extra = {'deform_arith': 'v1'} if folder == 'dat_v1_official' else {}
-    with _float64():
+    with float64_default():
         model = create_from_yaml(yaml, pretrained=True, pretrained_cfg_overlay=dict(file=ckpt),
                                  attn_impl='reference', **extra)
     assert all(p.dtype == torch.float64 for p in model.parameters())
@@ -254,7 +242,7 @@ def test_fixture_loads_through_timm(tmp_path: Path, folder: str, name: str) -> N
 def test_load_pretrained_is_the_same_filter(tmp_path: Path) -> None:
     """models.load_pretrained (what main.py uses) on an official file gives the official logits."""
     data, yaml = _fixture('dat_official', 'mini_mix')
-    with _float64():
+    with float64_default():
         model = create_from_yaml(yaml, attn_impl='reference')
     info = load_pretrained(model, _write_official(tmp_path, 'mini_mix', data['state_dict']), new_head_ok=False)
     assert info == dict(kept=[], resized=[])
@@ -265,7 +253,7 @@ def test_load_pretrained_is_the_same_filter(tmp_path: Path) -> None:
 def test_fixture_features_only_loads_through_timm(tmp_path: Path) -> None:
     data, yaml = _fixture('dat_official', 'mini_pp')
     ckpt = _write_official(tmp_path, 'mini_pp', data['state_dict'])
-    with _float64():
+    with float64_default():
         features = create_from_yaml(yaml, pretrained=True, features_only=True, pretrained_cfg_overlay=dict(file=ckpt),
                                     attn_impl='reference').eval()
         reference = build_model(load_config(yaml, opts=['MODEL.ATTN_IMPL', 'reference'])).eval()
@@ -401,7 +389,7 @@ def test_safetensors_export_loads_through_timm(tmp_path: Path) -> None:
     weights = load_file(str(out))
     assert set(weights) == set(data['state_dict'])                   # 'module.' stripped, weights only
     assert all(torch.equal(weights[k], v) for k, v in data['state_dict'].items())
-    with _float64():
+    with float64_default():
         model = create_from_yaml(yaml, pretrained=True, pretrained_cfg_overlay=dict(file=str(out)),
                                  attn_impl='reference')
     check_logits(model, data)

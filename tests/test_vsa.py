@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402,F401  (registers the timm names)
 from config import load_config  # noqa: E402
-from conftest import MODEL_NAME, fixture_dir, load_ckpt, run_main  # noqa: E402
+from conftest import MODEL_NAME, fixture_dir, load_ckpt, rel_err, run_main  # noqa: E402
 from models import build_model  # noqa: E402
 from models.vitaev2_vsa import VSA_VARIANTS, ViTAEv2VSA, VSAttention, checkpoint_filter_fn, reference_grid  # noqa: E402
 
@@ -31,10 +31,6 @@ OFFICIAL_PARAMS = {
     'vitaev2_vsa_widepcm_b': (93_711_532, 816),
     'vitaev2_vsa_widepcm_b_ws12': (93_833_932, 816),
 }
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return (actual - expected).abs().max().item() / max(expected.abs().max().item(), 1e-300)
 
 
 def load(name: str, **opts: str):
