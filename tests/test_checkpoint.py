@@ -265,7 +265,7 @@ def _dead_pid():
 
 
 def test_manager_removes_only_temp_files_of_dead_or_own_writers(tmp_path):
-    from checkpoint import _HOST
+    from checkpoint.files import _HOST
     dead = tmp_path / f'.ckpt_epoch_3.pth.{_HOST}.{_dead_pid()}.abcd.tmp'
     old_style = tmp_path / f'.ckpt_epoch_2.pth.{_dead_pid()}.abcd.tmp'       # written before the host part
     own = tmp_path / f'.best.pth.{_HOST}.{os.getpid()}.12ef.tmp'

@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoint import (CheckpointError, _remove_quietly, _temp_path, _write_failed,  # noqa: E402
-                        load_checkpoint_file, strip_prefixes, unwrap_state_dict)
+from checkpoint import CheckpointError, load_checkpoint_file, strip_prefixes, unwrap_state_dict  # noqa: E402
+from checkpoint.files import _remove_quietly, _temp_path, _write_failed  # noqa: E402
 
 
 def extract_weights(ckpt: dict, ema: bool = False, source: str = 'checkpoint') -> Dict[str, torch.Tensor]:
