@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from checkpoint import (CheckpointError, _list_names, _mismatch_message, check_model_config, check_tensors,
+from checkpoint import (CheckpointError, _list_names, _mismatch_message, _shape, check_model_config, check_tensors,
                         load_checkpoint_file, load_model_state, strip_prefixes, unwrap_model, unwrap_state_dict)
 
 __all__ = ['load_pretrained', 'configure_determinism', 'state_digest', 'get_rng_state', 'set_rng_state']
@@ -53,9 +53,10 @@ def load_pretrained(config, model: nn.Module, logger: logging.Logger, path: Opti
     if fresh_head:
         logger.warning("pretrained head has %d classes, the model %d: head not loaded, a fresh one is trained "
                        "(set MODEL.MAP_22K_TO_1K to select classes)", weights[fresh_head[0]].shape[0],
-                       model.state_dict()[fresh_head[0]].shape[0])
-    if info['resized']:
-        logger.info("resized to the model (bicubic): %s", _list_names(info['resized']))
+                       params[fresh_head[0]].shape[0])
+    own = model.state_dict()
+    for k in info['resized']:
+        logger.info("resized %s from %s to %s (bicubic)", k, _shape(weights[k]), _shape(own[k]))
     if info['kept']:
         logger.info("kept the model's own values for %d tensors: %s", len(info['kept']), _list_names(info['kept']))
     logger.info("loaded pretrained weights from %s", path)
