@@ -119,19 +119,20 @@ def build_optimizer(config, model: nn.Module,
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
 
     opt_name = train.OPTIMIZER.NAME.lower()
-    # Fused kernels: one launch per step, and they skip a step on a device-side non-finite flag
-    # (train_step.py). CUDA only: on the CPU the default kernels are as fast and are what every CPU
-    # result so far was computed with.
-    fused = all(p.is_cuda and p.is_floating_point() for p in params.values())
     if opt_name == 'adamw':
+        # The fused kernel (CUDA and CPU): one pass over all tensors (3x faster than the default on
+        # CPU for DAT-T++), and it skips a step on a device-side non-finite flag (train_step.py).
+        fused = all(p.device.type in ('cuda', 'cpu') and p.is_floating_point() for p in params.values())
         optimizer: torch.optim.Optimizer = torch.optim.AdamW(
             torch_groups, lr=base_lr, eps=float(train.OPTIMIZER.EPS),
             betas=tuple(float(b) for b in train.OPTIMIZER.BETAS), weight_decay=float(train.WEIGHT_DECAY),
             fused=fused or None)
     elif opt_name == 'sgd':
+        # Not fused: torch's fused SGD, told to skip its very first step, leaves the momentum buffers
+        # it just allocated uninitialised and reads them on the next step.
         optimizer = torch.optim.SGD(
             torch_groups, lr=base_lr, momentum=float(train.OPTIMIZER.MOMENTUM), nesterov=True,
-            weight_decay=float(train.WEIGHT_DECAY), fused=fused or None)
+            weight_decay=float(train.WEIGHT_DECAY))
     else:
         raise ValueError(f"TRAIN.OPTIMIZER.NAME is {train.OPTIMIZER.NAME!r}; expected 'adamw' or 'sgd'")
 

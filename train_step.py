@@ -1,9 +1,9 @@
 """One optimizer step without host syncs: mixed precision, clipping, skipping non-finite steps,
 device-side statistics and the weight EMA.
 
-Whether a step is taken is decided on the device, as a grad scaler does: fused optimizers (AdamW
-on CUDA) receive the non-finite flag and leave their state untouched; for other optimizers the
-flag is read once per step (free on the CPU, which is where they run by default). Losses, norms
+Whether a step is taken is decided on the device, as a grad scaler does: fused optimizers (AdamW)
+receive the non-finite flag and leave their state untouched; for other optimizers the flag is
+read once per step. Losses, norms
 and counters stay on the device in :class:`StepStats` and are read when logging.
 """
 from __future__ import annotations

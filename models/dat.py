@@ -30,7 +30,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention_impl import check_attn_impl
 from .dat_blocks import (DEFORM_ARITHS, POS_ENCODINGS, DAttention, LayerNorm2d, LayerScale, LocalAttention,
-                         PyramidAttention, ShiftWindowAttention, TransformerMLP, TransformerMLPWithConv)
+                         PyramidAttention, ShiftWindowAttention, TransformerMLP, TransformerMLPWithConv,
+                         residual_depthwise_conv)
 from .nat import NeighborhoodAttention2D
 from .qna import FusedKQnA
 from .slide import SlideAttention
@@ -125,7 +126,7 @@ class DATBlock:
     def forward_with_points(self, x: torch.Tensor, with_points: bool = True
                             ) -> Tuple[torch.Tensor, Optional[Tuple[torch.Tensor, torch.Tensor]]]:
         if self.lpu is not None:
-            x = x + self.lpu(x)
+            x = residual_depthwise_conv(self.lpu, x)
         if self.conv_norm is not None:
             return x + self.drop_path(self.mlp(self.conv_norm(self.attn(x)))), None
         y = self.norm1(x)

@@ -17,6 +17,7 @@ from timm.layers import register_notrace_module, trunc_normal_
 from .attention_impl import check_attn_impl, use_fused
 
 __all__ = ['POS_ENCODINGS', 'DEFORM_ARITHS', 'LayerNorm2d', 'LayerScale', 'TransformerMLP', 'TransformerMLPWithConv',
+           'residual_depthwise_conv',
            'LocalAttention', 'ShiftWindowAttention', 'PyramidAttention', 'DAttention', 'shifted_window_mask',
            'window_relative_index']
 
@@ -81,8 +82,22 @@ class TransformerMLPWithConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.linear1(x)
-        x = self.act(x + self.dwc(x))
+        x = self.act(residual_depthwise_conv(self.dwc, x))
         return self.linear2(x)
+
+
+def residual_depthwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``x + conv(x)`` for a depthwise, stride-1, same-size conv, as one conv with its centre tap
+    raised by one: neither the sum nor a second gradient of ``x`` is materialised (equal up to
+    rounding)."""
+    kh, kw = conv.kernel_size
+    if (conv.groups != conv.in_channels or conv.in_channels != conv.out_channels or conv.stride != (1, 1)
+            or conv.dilation != (1, 1) or conv.padding != (kh // 2, kw // 2) or kh % 2 == 0 or kw % 2 == 0
+            or conv.padding_mode != 'zeros'):
+        return x + conv(x)
+    identity = torch.zeros_like(conv.weight)
+    identity[:, :, kh // 2, kw // 2] = 1.0
+    return F.conv2d(x, conv.weight + identity, conv.bias, padding=conv.padding, groups=conv.groups)
 
 
 # ----------------------------------------------------------------------------- window attention
@@ -372,7 +387,7 @@ class DAttention(nn.Module):
         g, heads = self.groups, self.heads
         dtype, device = x.dtype, x.device
 
-        q = self.proj_q(x)
+        q = self.proj_q(x).contiguous()        # NCHW once: both head/group splits below are views
         offset = self.conv_offset(q.reshape(b * g, self.group_dim, h, w))      # (B*g, 2, Hk, Wk)
         hk, wk = offset.shape[-2:]
         n_keys = hk * wk
@@ -385,7 +400,7 @@ class DAttention(nn.Module):
                 raise ValueError(f'no_off deformable attention: {h}x{w} map pooled by stride {self.stride} gives '
                                  f'{tuple(sampled.shape[-2:])}, offsets give {hk}x{wk}; use a map divisible by the stride')
         else:
-            sampled = F.grid_sample(x.reshape(b * g, self.group_dim, h, w), pos[..., (1, 0)],
+            sampled = F.grid_sample(x.reshape(b * g, self.group_dim, h, w), pos.flip(-1),
                                     mode='bilinear', padding_mode='zeros', align_corners=True)
         sampled = sampled.reshape(b, c, 1, n_keys)
 
@@ -433,17 +448,20 @@ class DAttention(nn.Module):
                                  f'{self.fmap_size}x{self.fmap_size} map, got {h}x{w}; use the input size the '
                                  f'model was built for (img_size) or another pos_enc')
             return self.rpe_table.view(1, heads, h * w, n_keys)
-        grid = self._query_grid(h, w, pos.dtype, pos.device).reshape(1, h * w, 1, 2)
-        disp = grid - pos.reshape(b * g, 1, n_keys, 2)                          # (B*g, HW, Ns, 2)
+        query = self._query_grid(h, w, pos.dtype, pos.device)                  # (H, W, 2)
         if self.pos_enc == 'log_cpb':
-            d = disp * 4.0
+            d = (query.reshape(1, h * w, 1, 2) - pos.reshape(b * g, 1, n_keys, 2)) * 4.0   # (B*g, HW, Ns, 2)
             d = torch.sign(d) * torch.log2(d.abs() + 1.0) / math.log2(8.0)
             bias = self.rpe_table(d)                                            # (B*g, HW, Ns, hg)
             return bias.view(b, g, h * w, n_keys, hg).permute(0, 1, 4, 2, 3).reshape(b, heads, h * w, n_keys)
         # Sample each group's table at every displacement of the batch at once: the table is the
         # grid_sample input (batch = groups) and the batch moves into the grid, so it is never expanded.
+        # The halving and the (y, x) -> (x, y) swap act on the small operands (exact: halving is a
+        # power of two), so the (g, B, HW, Ns, 2) grid is made by one subtraction, already in place.
         table = self.rpe_table.view(g, hg, *self.rpe_table.shape[-2:])
-        grid = (disp * 0.5)[..., (1, 0)].view(b, g, h * w, n_keys, 2).transpose(0, 1).reshape(g, b * h * w, n_keys, 2)
+        query_xy = (query.flip(-1) * 0.5).reshape(1, 1, h * w, 1, 2)
+        keys_xy = (pos.flip(-1) * 0.5).reshape(b, g, 1, n_keys, 2).transpose(0, 1).contiguous()
+        grid = (query_xy - keys_xy).reshape(g, b * h * w, n_keys, 2)
         bias = F.grid_sample(table, grid, mode='bilinear', padding_mode='zeros', align_corners=True)
         return bias.view(g, hg, b, h * w, n_keys).permute(2, 0, 1, 3, 4).reshape(b, heads, h * w, n_keys)
 

@@ -253,10 +253,13 @@ def _tiled_setup_context(ctx, inputs, output) -> None:
     out, attn = output
     ctx.save_for_backward(q, k, v, rpb, attn, out)
     ctx.kernel_size, ctx.scale = kernel_size, scale
+    # attn is an output only for the backward: no zero gradient of its size is made for it.
+    ctx.set_materialize_grads(False)
 
 
-def _tiled_backward(ctx, grad_out: Tensor, grad_attn: Optional[Tensor]):
-    # attn is an output only for the backward: nothing downstream uses it.
+def _tiled_backward(ctx, grad_out: Optional[Tensor], grad_attn: Optional[Tensor]):
+    if grad_out is None:
+        return None, None, None, None, None, None
     return (*_tiled_attention_backward(grad_out, *ctx.saved_tensors, ctx.kernel_size, ctx.scale), None, None)
 
 
@@ -420,7 +423,9 @@ def _attend_packed(qkv: torch.Tensor, rpb: torch.Tensor, num_heads: int, kernel_
                    attn_impl: str, dropout_p: float) -> torch.Tensor:
     """(B, H, W, 3C) packed q|k|v -> (B, H, W, C) attention output."""
     batch, height, width, _ = qkv.shape
-    q, k, v = qkv.reshape(batch, height, width, 3, num_heads, -1).permute(3, 0, 4, 1, 2, 5).unbind(0)
+    # One copy into (3, B, heads, H, W, c): the kernels' matmuls then read q, k, v (and the
+    # backward its saved inputs) without copying each again.
+    q, k, v = qkv.reshape(batch, height, width, 3, num_heads, -1).permute(3, 0, 4, 1, 2, 5).contiguous().unbind(0)
     out = neighborhood_attention(q, k, v, rpb, kernel_size, scale, attn_impl, dropout_p)
     return out.permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1)
 
@@ -467,7 +472,7 @@ class NeighborhoodAttention2D(nn.Module):
         out = _attend_packed(qkv, self.rpb, self.num_heads, self.kernel_size, self.scale, self.attn_impl, dropout_p)
         out = out[:, :x.shape[1], :x.shape[2]]
         out = self.proj_drop(self.proj(out))
-        return out.permute(0, 3, 1, 2).contiguous()
+        return out.permute(0, 3, 1, 2)     # channels-last strides, as the norms' outputs
 
     def extra_repr(self) -> str:
         return (f'num_heads={self.num_heads}, head_dim={self.head_dim}, '

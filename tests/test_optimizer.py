@@ -157,3 +157,29 @@ def test_real_model_position_tables_and_biases_are_not_decayed(cfg_file):
     assert tables and set(tables) <= no_decay
     assert all(params[n].ndim >= 2 and not n.endswith('.bias') for n in decay)
     assert decay | no_decay == {n for n, p in params.items() if p.requires_grad}
+
+
+@pytest.mark.parametrize('name', ['adamw', 'sgd'])
+def test_a_skipped_first_step_leaves_no_trace(name):
+    """A non-finite very first step (before any optimizer state exists), then a finite one, equals
+    the finite step alone: AdamW is fused on CPU, and SGD stays unfused because torch's fused SGD
+    keeps the momentum buffers it allocated for a skipped first step uninitialised."""
+    from train_step import OptimizerStep
+
+    def run(skip_first):
+        torch.manual_seed(0)
+        model = TinyNet()
+        opt = build_optimizer(_config('TRAIN.OPTIMIZER.NAME', name, 'TRAIN.OPTIMIZER.MOMENTUM', '0.9'), model)
+        step = OptimizerStep(opt, fp16_scaler=False, device=torch.device('cpu'), clip_grad=5.0)
+        for scale in ([float('nan')] if skip_first else []) + [1.0]:
+            loss = sum((p.float() ** 2).sum() for p in model.parameters() if p.requires_grad) * scale
+            step.backward(loss)
+            _, skipped = step.step(model.parameters())
+            assert bool(skipped) == (scale != 1.0)
+            opt.zero_grad()
+        return opt, model.state_dict()
+
+    opt, skipped_first = run(True)
+    _, plain = run(False)
+    assert all(g.get('fused') for g in opt.param_groups) == (name == 'adamw')
+    assert all(torch.equal(skipped_first[k], plain[k]) for k in plain)
