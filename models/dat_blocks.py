@@ -388,7 +388,9 @@ class DAttention(nn.Module):
         dtype, device = x.dtype, x.device
 
         q = self.proj_q(x).contiguous()        # NCHW once: both head/group splits below are views
-        offset = self.conv_offset(q.reshape(b * g, self.group_dim, h, w))      # (B*g, 2, Hk, Wk)
+        # The strided depthwise conv of the offset network runs 2-4x faster channels-last on CPU.
+        offset = self.conv_offset(q.reshape(b * g, self.group_dim, h, w).contiguous(
+            memory_format=torch.channels_last))                                 # (B*g, 2, Hk, Wk)
         hk, wk = offset.shape[-2:]
         n_keys = hk * wk
         ref = self._reference_points(hk, wk, dtype, device)
