@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from contextlib import nullcontext
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -70,7 +70,6 @@ def build_criterion(config, mixup_fn) -> nn.Module:
     if mixup_fn is not None:
         return SoftTargetCrossEntropy()          # mixup / cutmix already smooth the labels
     return nn.CrossEntropyLoss(label_smoothing=max(config.MODEL.LABEL_SMOOTHING, 0.0))
-
 
 
 class Trainer:
@@ -176,6 +175,23 @@ class Trainer:
         """Images one training iteration consumes on all ranks together."""
         return self.config.DATA.BATCH_SIZE * self.world_size
 
+    def _on_rank0(self, action: Callable[[], Any]) -> Any:
+        """Run ``action`` on rank 0 only; every rank returns its result, or raises the
+        CheckpointError it raised (the same one-line message on every rank)."""
+        result = error = None
+        if self.rank == 0:
+            try:
+                result = action()
+            except CheckpointError as e:
+                error = str(e)
+        if self.world_size > 1:
+            shared = [result, error]
+            dist.broadcast_object_list(shared, src=0)
+            result, error = shared
+        if error is not None:
+            raise CheckpointError(error)
+        return result
+
     def save(self, epoch: int, iteration: Optional[int] = None, is_best: bool = False) -> None:
         """Checkpoint ``iteration`` batches into ``epoch`` (None: the finished, validated epoch).
 
@@ -185,40 +201,28 @@ class Trainer:
         # The position in images, so that a run with another batch size or process count resumes
         # at the right image (see checkpoint.resume_position).
         state['samples_seen'] = None if iteration is None else int(iteration) * self._global_batch()
-        error = None
-        if self.rank == 0:
-            try:
-                self.last_checkpoint = self.manager.save(state, epoch, iteration=iteration, is_best=is_best)
-            except CheckpointError as e:
-                error = str(e)
-        if self.world_size > 1:
-            shared = [error]
-            dist.broadcast_object_list(shared, src=0)
-            error = shared[0]
-        if error is not None:
+
+        def write() -> None:
+            self.last_checkpoint = self.manager.save(state, epoch, iteration=iteration, is_best=is_best)
+
+        try:
+            self._on_rank0(write)
+        except CheckpointError:
             # A failed save ends the run; close TensorBoard now (quietly: on a full disk its flush
             # fails too) so that the error reported is the checkpoint's.
             self.progress.close()
-            raise CheckpointError(error)
+            raise
 
     def _resume_file(self) -> Optional[str]:
         """The checkpoint to resume from, as rank 0 sees it: every rank must load the same file.
 
         Rank 0 first takes the run folder's lock (it writes the checkpoints): a second run into the
         same folder stops here, before it has touched a file. Its errors reach every rank."""
-        path = error = None
-        if self.rank == 0:
-            try:
-                self.manager.lock()
-                path = self._find_resume_file()
-            except CheckpointError as e:
-                error = str(e)
-        if self.world_size > 1:
-            shared = [path, error]
-            dist.broadcast_object_list(shared, src=0)
-            path, error = shared
-        if error is not None:
-            raise CheckpointError(error)
+        def lock_and_find() -> Optional[str]:
+            self.manager.lock()
+            return self._find_resume_file()
+
+        path = self._on_rank0(lock_and_find)
         if self.world_size > 1:
             if path and not os.path.isfile(path):
                 raise CheckpointError(f"rank {self.rank} cannot see {path}, which rank 0 resumes from: put "
@@ -248,16 +252,22 @@ class Trainer:
             self.logger.warning("the config's learning-rate schedule differs from the checkpoint's (%s): "
                                 "continuing with the config's", ', '.join(changed))
 
+    def _load_weights(self, path: str) -> dict:
+        """Load the model weights of checkpoint ``path`` (ours or an official ``{'model': ...}``
+        file) and return the whole checkpoint."""
+        ckpt = load_checkpoint_file(path)
+        # Names and shapes first (they say most about another architecture), then the arithmetic.
+        load_model_state(self.model_without_ddp, unwrap_state_dict(ckpt), strict=True, source=f"checkpoint {path}")
+        check_model_config(ckpt, self.config, f"checkpoint {path}")
+        return ckpt
+
     def resume(self) -> bool:
         """Restore the newest checkpoint (or MODEL.RESUME); returns whether anything was loaded."""
         path = self._resume_file()
         if not path:
             return False
         self.logger.info("resuming from %s", path)
-        ckpt = load_checkpoint_file(path)
-        # Names and shapes first (they say most about another architecture), then the arithmetic.
-        load_model_state(self.model_without_ddp, unwrap_state_dict(ckpt), strict=True, source=f"checkpoint {path}")
-        check_model_config(ckpt, self.config, f"checkpoint {path}")
+        ckpt = self._load_weights(path)
         if not isinstance(ckpt, dict) or 'optimizer' not in ckpt:
             self.logger.info("%s holds model weights only: starting from epoch %d", path, self.start_epoch)
             return True
@@ -434,9 +444,7 @@ class Trainer:
             raise CheckpointError("--eval needs weights: pass --resume CHECKPOINT (ours or an official "
                                   "release file)")
         self.logger.info("evaluating %s", path)
-        ckpt = load_checkpoint_file(path)
-        load_model_state(self.model_without_ddp, unwrap_state_dict(ckpt), strict=True, source=f"checkpoint {path}")
-        check_model_config(ckpt, config, f"checkpoint {path}")
+        self._load_weights(path)
         result = self.validate()
         self.logger.info(f"Accuracy of the network on the {result['count']} test images: "
                          f"{result['acc1']:.2f}%")
