@@ -10,7 +10,8 @@
 # Environment: PORT (rendezvous port, default 29501), TORCHRUN (launcher, default torchrun).
 set -euo pipefail
 
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2; exit 2; }
+HERE=$(cd "$(dirname "$0")" && pwd)
+. "$HERE/tools/launcher_helpers.sh"
 [ $# -ge 3 ] || usage
 
 NUM_GPUS=$1
@@ -18,9 +19,5 @@ CFG=$2
 CKPT=$3
 shift 3
 
-HERE=$(cd "$(dirname "$0")" && pwd)
-AMP_ARGS=()
-if [ "${CUDA_VISIBLE_DEVICES-unset}" != "" ] && nvidia-smi -L >/dev/null 2>&1; then
-    AMP_ARGS=(--amp)
-fi
+set_amp_args
 exec "$HERE/tools/launch.sh" "$NUM_GPUS" --cfg "$CFG" --eval --resume "$CKPT" "${AMP_ARGS[@]}" "$@"

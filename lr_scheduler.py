@@ -89,39 +89,20 @@ def build_scheduler(config, optimizer: torch.optim.Optimizer, n_iter_per_epoch: 
             f"for the {name} schedule")
     _set_unscaled_initial_lr(optimizer)
 
+    # Warm-up and stepping are the same for every schedule: per optimizer step, from WARMUP_LR.
+    warmup = dict(warmup_lr_init=float(train.WARMUP_LR), warmup_t=warmup_steps, t_in_epochs=False)
     if name == 'cosine':
         # As the official recipe: one cosine over all EPOCHS (warm-up included), so at the
         # end of warm-up the rate is already slightly below BASE_LR.
-        return CosineLRScheduler(
-            optimizer,
-            t_initial=total_steps,
-            lr_min=float(train.MIN_LR),
-            warmup_lr_init=float(train.WARMUP_LR),
-            warmup_t=warmup_steps,
-            cycle_limit=1,
-            t_in_epochs=False,
-        )
+        return CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=float(train.MIN_LR), cycle_limit=1,
+                                 **warmup)
     if name == 'linear':
-        return LinearLRScheduler(
-            optimizer,
-            t_initial=decay_steps,
-            lr_min=float(train.MIN_LR),
-            warmup_lr_init=float(train.WARMUP_LR),
-            warmup_t=warmup_steps,
-            t_in_epochs=False,
-        )
+        return LinearLRScheduler(optimizer, t_initial=decay_steps, lr_min=float(train.MIN_LR), **warmup)
     if name == 'step':
         decay_t = int(train.LR_SCHEDULER.DECAY_EPOCHS * n_iter_per_epoch)
         if decay_t <= 0:
             raise ValueError(f"TRAIN.LR_SCHEDULER.DECAY_EPOCHS must be positive, got {train.LR_SCHEDULER.DECAY_EPOCHS}")
-        return StepLRScheduler(
-            optimizer,
-            decay_t=decay_t,
-            decay_rate=float(train.LR_SCHEDULER.DECAY_RATE),
-            warmup_lr_init=float(train.WARMUP_LR),
-            warmup_t=warmup_steps,
-            # Decays at absolute multiples of DECAY_EPOCHS, as in the official code (timm < 0.9).
-            warmup_prefix=False,
-            t_in_epochs=False,
-        )
+        # Decays at absolute multiples of DECAY_EPOCHS, as in the official code (timm < 0.9).
+        return StepLRScheduler(optimizer, decay_t=decay_t, decay_rate=float(train.LR_SCHEDULER.DECAY_RATE),
+                               warmup_prefix=False, **warmup)
     raise ValueError(f"TRAIN.LR_SCHEDULER.NAME is {train.LR_SCHEDULER.NAME!r}; expected 'cosine', 'linear' or 'step'")

@@ -11,7 +11,8 @@
 # Environment: PORT (rendezvous port, default 29501), TORCHRUN (launcher, default torchrun).
 set -euo pipefail
 
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2; exit 2; }
+HERE=$(cd "$(dirname "$0")" && pwd)
+. "$HERE/tools/launcher_helpers.sh"
 [ $# -ge 2 ] || usage
 
 NUM_GPUS=$1
@@ -23,9 +24,5 @@ if [ $# -ge 1 ] && [[ $1 != -* ]]; then     # an optional tag before the extra a
     shift
 fi
 
-HERE=$(cd "$(dirname "$0")" && pwd)
-AMP_ARGS=()
-if [ "${CUDA_VISIBLE_DEVICES-unset}" != "" ] && nvidia-smi -L >/dev/null 2>&1; then
-    AMP_ARGS=(--amp)
-fi
+set_amp_args
 exec "$HERE/tools/launch.sh" "$NUM_GPUS" --cfg "$CFG" "${AMP_ARGS[@]}" "${TAG_ARGS[@]}" "$@"

@@ -12,7 +12,8 @@
 # checkpoint is saved and the job exits cleanly, ready to be requeued.
 set -euo pipefail
 
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2; exit 2; }
+HERE=$(cd "$(dirname "$0")" && pwd)
+. "$HERE/tools/launcher_helpers.sh"
 [ $# -ge 3 ] || usage
 
 CFG=$1
@@ -25,7 +26,6 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-$(( NUM_GPUS < 8 ? NUM_GPUS : 8 ))}
 CPUS_PER_TASK=${CPUS_PER_TASK:-8}
 SRUN_ARGS=${SRUN_ARGS:-}
 
-HERE=$(cd "$(dirname "$0")" && pwd)
 # shellcheck disable=SC2086  # SRUN_ARGS is a list of options
 exec srun -p "$PARTITION" \
     --job-name "$JOB_NAME" \

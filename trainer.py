@@ -32,8 +32,9 @@ from optimizer import build_optimizer
 from preemption import StopRequest, ignore_stop_signals
 from progress import Progress
 from train_step import OptimizerStep, StepStats, autocast_settings, ema_update
-from checkpoint import (CheckpointError, CheckpointManager, check_model_config, check_optimizer,
-                        load_checkpoint_file, load_model_state, model_config, resume_position, unwrap_state_dict)
+from checkpoint import (CheckpointError, CheckpointManager, check_model_config, choose_eval_file,
+                        choose_resume_file, load_checkpoint_file, load_model_state, load_optimizer_state,
+                        model_config, rank_rng_state, restore_schedule, resume_position, unwrap_state_dict)
 from utils import get_rng_state, set_rng_state
 
 __all__ = ['Trainer', 'TrainingDiverged', 'ModelInputError']
@@ -220,37 +221,14 @@ class Trainer:
         same folder stops here, before it has touched a file. Its errors reach every rank."""
         def lock_and_find() -> Optional[str]:
             self.manager.lock()
-            return self._find_resume_file()
+            return choose_resume_file(self.manager, self.config.TRAIN.AUTO_RESUME, self.config.MODEL.RESUME,
+                                      self.logger)
 
         path = self._on_rank0(lock_and_find)
-        if self.world_size > 1:
-            if path and not os.path.isfile(path):
-                raise CheckpointError(f"rank {self.rank} cannot see {path}, which rank 0 resumes from: put "
-                                      f"OUTPUT (and MODEL.RESUME) on a file system shared by all nodes")
+        if self.world_size > 1 and path and not os.path.isfile(path):
+            raise CheckpointError(f"rank {self.rank} cannot see {path}, which rank 0 resumes from: put "
+                                  f"OUTPUT (and MODEL.RESUME) on a file system shared by all nodes")
         return path
-
-    def _find_resume_file(self) -> Optional[str]:
-        config = self.config
-        if config.TRAIN.AUTO_RESUME:
-            latest = self.manager.latest()
-            if latest:
-                if config.MODEL.RESUME and os.path.abspath(config.MODEL.RESUME) != os.path.abspath(latest):
-                    self.logger.warning("auto-resume: continuing from %s instead of MODEL.RESUME %s",
-                                        latest, config.MODEL.RESUME)
-                return latest
-        return config.MODEL.RESUME or None
-
-    def _restore_schedule(self, saved: Optional[dict]) -> None:
-        """Restore the checkpoint's LR schedule when the config describes the same one; when the
-        config changed it (e.g. a lower TRAIN.BASE_LR after a divergence), keep the config's."""
-        current = self.lr_scheduler.state_dict()
-        self._schedule_restored = saved is None or saved == current
-        if saved is not None and self._schedule_restored:
-            self.lr_scheduler.load_state_dict(saved)
-        elif saved is not None:
-            changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-            self.logger.warning("the config's learning-rate schedule differs from the checkpoint's (%s): "
-                                "continuing with the config's", ', '.join(changed))
 
     def _load_weights(self, path: str) -> dict:
         """Load the model weights of checkpoint ``path`` (ours or an official ``{'model': ...}``
@@ -271,35 +249,17 @@ class Trainer:
         if not isinstance(ckpt, dict) or 'optimizer' not in ckpt:
             self.logger.info("%s holds model weights only: starting from epoch %d", path, self.start_epoch)
             return True
-        check_optimizer(ckpt, self.optimizer, path)
-        try:
-            self.optimizer.load_state_dict(ckpt['optimizer'])
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"the optimizer state of {path} does not fit this run's optimizer "
-                                  f"({' '.join(str(e).split())}); to start a new run from its weights, pass "
-                                  f"--pretrained {path} with another --tag (or --output)") from None
-        self._restore_schedule(ckpt.get('lr_scheduler'))
+        load_optimizer_state(ckpt, self.optimizer, path)
+        schedule_restored = restore_schedule(self.lr_scheduler, ckpt.get('lr_scheduler'), self.logger)
         if 'scaler' in ckpt:
             self.loss_scaler.load_state_dict(ckpt['scaler'])
         self.max_accuracy = float(ckpt.get('max_accuracy', 0.0))
-        self.start_epoch, self.start_iter, repeated = resume_position(ckpt, self.n_iter, self._global_batch())
-        if repeated:
-            self.logger.warning("the checkpoint's position, %d images into epoch %d, is not a whole number of "
-                                "this run's batches of %d images (batch size or process count changed): "
-                                "resuming at batch %d, so %d images of it are seen a second time",
-                                ckpt['samples_seen'], self.start_epoch, self._global_batch(), self.start_iter,
-                                repeated)
+        self.start_epoch, self.start_iter, _ = resume_position(ckpt, self.n_iter, self._global_batch(), self.logger)
         if self.ema is not None and 'ema' in ckpt:
             load_model_state(self.ema.module, ckpt['ema'], strict=True, source=f"EMA weights of {path}")
             self.ema_restored = True
-        rng = ckpt.get('rng')
-        ranks = ckpt.get('rng_ranks')
-        if ranks is not None and len(ranks) == self.world_size:
-            rng = ranks[self.rank]
-        elif rng is not None and self.world_size > 1:
-            self.logger.warning("checkpoint saved with another world size: ranks share rank 0's RNG state")
-        self.pending_rng = rng
-        if not self._schedule_restored and (self.start_epoch or self.start_iter):
+        self.pending_rng = rank_rng_state(ckpt, self.rank, self.world_size, self.logger)
+        if not schedule_restored and (self.start_epoch or self.start_iter):
             # The config's new schedule takes effect from the first resumed step.
             done = self.start_epoch * self.n_iter + self.start_iter
             self.lr_scheduler.step_update(max(done - 1, 0) // self.config.TRAIN.ACCUMULATION_STEPS)
@@ -436,13 +396,7 @@ class Trainer:
 
     def evaluate(self) -> int:
         """``--eval``: load MODEL.RESUME (ours or an official ``{'model': ...}`` file), validate."""
-        config = self.config
-        path = config.MODEL.RESUME
-        if not path:
-            path = CheckpointManager(config.OUTPUT, logger=self.logger).latest()
-        if not path:
-            raise CheckpointError("--eval needs weights: pass --resume CHECKPOINT (ours or an official "
-                                  "release file)")
+        path = choose_eval_file(self.config.OUTPUT, self.config.MODEL.RESUME, self.logger)
         self.logger.info("evaluating %s", path)
         self._load_weights(path)
         result = self.validate()

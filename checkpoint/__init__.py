@@ -13,8 +13,9 @@ Every error is a :class:`CheckpointError` whose message is one line naming the f
 from .files import (CheckpointCorrupt, CheckpointError, CheckpointUnreadable, OutputFolderError,  # noqa: F401
                     PickledConfig, _first_line, _list_names, _shape, atomic_save, load_checkpoint_file,
                     strip_prefixes, unwrap_model, unwrap_state_dict)
-from .runs import (BEST_NAME, LOCK_NAME, CheckpointManager, RunLock, check_optimizer, find_resume,
-                   prepare_output_dir, resume_position)
+from .runs import BEST_NAME, LOCK_NAME, CheckpointManager, RunLock, find_resume, prepare_output_dir
+from .resume import (check_optimizer, choose_eval_file, choose_resume_file, load_optimizer_state, rank_rng_state,
+                     restore_schedule, resume_position)
 from .weights import (_mismatch_message, check_model_config, check_tensors, load_model_state,  # noqa: F401
                       model_config, saved_model_config)
 
@@ -22,6 +23,7 @@ __all__ = [
     'CheckpointError', 'CheckpointCorrupt', 'CheckpointUnreadable', 'OutputFolderError',
     'atomic_save', 'load_checkpoint_file', 'unwrap_state_dict', 'strip_prefixes', 'unwrap_model',
     'load_model_state', 'check_tensors', 'model_config', 'saved_model_config', 'check_model_config',
-    'check_optimizer', 'resume_position', 'CheckpointManager', 'find_resume', 'RunLock',
-    'prepare_output_dir', 'BEST_NAME', 'LOCK_NAME',
+    'choose_resume_file', 'choose_eval_file', 'check_optimizer', 'load_optimizer_state', 'restore_schedule',
+    'resume_position', 'rank_rng_state', 'CheckpointManager', 'find_resume', 'RunLock', 'prepare_output_dir',
+    'BEST_NAME', 'LOCK_NAME',
 ]

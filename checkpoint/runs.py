@@ -1,5 +1,5 @@
-"""A run folder's checkpoints: naming, saving, pruning and finding the one to resume from; the
-resume policy (optimizer, position in images); the run-folder lock; the output folder checks.
+"""A run folder's checkpoints: naming, saving, pruning and finding the most advanced one; the
+run-folder lock; the output folder checks. The resume policy is in ``resume.py``.
 """
 from __future__ import annotations
 
@@ -14,69 +14,10 @@ import socket
 import time
 from typing import Dict, List, Optional, Tuple
 
-import torch
-
 from .files import (_HOST, CheckpointCorrupt, CheckpointError, CheckpointUnreadable, OutputFolderError,
                     _atomic_link_or_copy, _remove_quietly, atomic_save, load_checkpoint_file)
 
 _log = logging.getLogger(__name__)
-
-
-# ============================================================================ resume policy
-_VERSION_FLAGS = frozenset({'foreach', 'maximize', 'capturable', 'differentiable', 'fused',
-                            'decoupled_weight_decay', 'initial_lr'})
-
-
-def check_optimizer(ckpt: dict, optimizer: torch.optim.Optimizer, source: str) -> None:
-    """Refuse optimizer state saved by another optimizer (type or parameter groups)."""
-    saved = ckpt.get('optimizer')
-    fix = (f"its state cannot carry over; to start a new run from its weights, pass --pretrained {source} "
-           f"with another --tag (or --output)")
-    name = ckpt.get('optimizer_name')
-    if name is not None and name != type(optimizer).__name__:
-        raise CheckpointError(f"{source} was saved by optimizer {name}, this run uses "
-                              f"{type(optimizer).__name__}: {fix}")
-    if not isinstance(saved, dict) or not isinstance(saved.get('param_groups'), list):
-        raise CheckpointError(f"{source} has no readable optimizer state: {fix}")
-    groups, own = saved['param_groups'], optimizer.param_groups
-    sizes, own_sizes = [len(g.get('params', ())) for g in groups], [len(g['params']) for g in own]
-    if sizes != own_sizes:
-        raise CheckpointError(f"{source} has optimizer parameter groups of sizes {sizes}, this run {own_sizes} "
-                              f"(another optimizer or weight-decay grouping): {fix}")
-    if name is not None:
-        return
-    # Without the name (Swin / official files) the settings tell optimizers apart; flags that
-    # torch versions add or drop do not.
-    keys = sorted((set(groups[0]) ^ set(own[0])) - _VERSION_FLAGS) if groups and own else []
-    if keys:
-        raise CheckpointError(f"{source} was saved by another optimizer (settings {', '.join(keys)} differ): "
-                              f"{fix}")
-
-
-def resume_position(ckpt: dict, iters_per_epoch: int, global_batch: int) -> Tuple[int, int, int]:
-    """``(epoch, batch, repeated)``: where a run with ``global_batch`` images per iteration (all
-    ranks together) continues from ``ckpt``, and how many images of the resumed epoch it sees twice.
-
-    Our checkpoints record ``epoch``, ``iteration`` (batches done, None once the epoch ended) and
-    ``samples_seen`` (images of that epoch consumed by all ranks). The samplers deal a fixed
-    per-epoch permutation out in order, so after ``k`` batches of ``b`` images on ``w`` ranks the
-    first ``k * b * w`` images of that permutation are done, whatever ``b`` and ``w`` were: the
-    position is kept in images and converted to this run's batches. When it is not a whole
-    number of this run's batches, the run restarts at the batch holding that image (``repeated``
-    images are seen twice; none is skipped). Swin / official files record the last finished epoch.
-    """
-    epoch = int(ckpt['epoch'])
-    if 'iteration' not in ckpt:
-        return epoch + 1, 0, 0
-    iteration = ckpt['iteration']
-    if iteration is None:
-        return epoch + 1, 0, 0
-    samples = ckpt.get('samples_seen')
-    if not isinstance(samples, int) or samples < 0:
-        samples = max(int(iteration), 0) * global_batch      # older files: assume the batch is unchanged
-    batch = min(samples // global_batch, iters_per_epoch)
-    repeated = samples - batch * global_batch if batch < iters_per_epoch else 0
-    return epoch, batch, repeated
 
 
 # ============================================================================ run-folder lock

@@ -16,10 +16,11 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 
-__all__ = ['loader_throughput']
+__all__ = ['loader_throughput', 'sync_device']
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a no-op off CUDA), so that a clock read after it is fair."""
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
 
@@ -50,7 +51,7 @@ def loader_throughput(config: Any, device_normalize: bool, num_workers: int, bat
     for i, (images, targets, _) in enumerate(it):
         images = images.to(device, non_blocking=True)
         if i == warmup:
-            _sync(device)
+            sync_device(device)
             start = time.perf_counter()
         elif i > warmup:
             images_seen += images.shape[0]
@@ -59,7 +60,7 @@ def loader_throughput(config: Any, device_normalize: bool, num_workers: int, bat
                 break
     if start is None or measured == 0:
         raise ValueError(f"the loader has {len(loader)} batches; need more than warmup={warmup}")
-    _sync(device)
+    sync_device(device)
     elapsed = time.perf_counter() - start
     per_second = images_seen / elapsed
     return {'pipeline': 'device_normalize' if device_normalize else 'float', 'workers': int(num_workers),

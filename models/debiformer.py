@@ -193,7 +193,32 @@ def _check_divisible(name: str, h: int, w: int, n: int, what: str) -> None:
                          f"use an input size the model accepts (see valid_input_sides) or auto_pad=True")
 
 
-class BiLevelRoutingAttention(nn.Module):
+class _RoutingAttention(nn.Module):
+    """The settings both routing attentions share, and fitting their channels-last input to
+    ``n_win x n_win`` regions: zero padding with ``auto_pad`` (cropped off the output), else a
+    one-line error for a map that does not split."""
+
+    def __init__(self, dim: int, num_heads: int, n_win: int, topk: int, auto_pad: bool, attn_impl: str) -> None:
+        super().__init__()
+        self.dim = dim
+        self.num_heads = num_heads
+        self.n_win = n_win
+        self.topk = topk
+        self.auto_pad = auto_pad
+        self.scale = dim ** -0.5
+        self.attn_impl = check_attn_impl(attn_impl)
+
+    def _fit(self, x: torch.Tensor) -> torch.Tensor:
+        if self.auto_pad:
+            return _pad_to_multiple(x, self.n_win, channels_last=True)
+        _check_divisible(type(self).__name__, x.shape[1], x.shape[2], self.n_win, 'feature map')
+        return x
+
+    def _crop(self, out: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return out[:, :height, :width].contiguous() if self.auto_pad else out
+
+
+class BiLevelRoutingAttention(_RoutingAttention):
     """Bi-level routing attention on channels-last maps (N, H, W, C) -> (N, H, W, C).
 
     Queries of each of the ``n_win**2`` regions attend to the pixels of the ``topk`` regions
@@ -203,14 +228,7 @@ class BiLevelRoutingAttention(nn.Module):
 
     def __init__(self, *, dim: int, num_heads: int, n_win: int, topk: int, side_dwconv: int = 5,
                  auto_pad: bool = False, attn_impl: str = 'reference') -> None:
-        super().__init__()
-        self.dim = dim
-        self.num_heads = num_heads
-        self.n_win = n_win
-        self.topk = topk
-        self.auto_pad = auto_pad
-        self.scale = dim ** -0.5
-        self.attn_impl = check_attn_impl(attn_impl)
+        super().__init__(dim, num_heads, n_win, topk, auto_pad, attn_impl)
         self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
         self.qkv = QKVLinear(dim)
         self.wo = nn.Linear(dim, dim)
@@ -218,10 +236,7 @@ class BiLevelRoutingAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[1], x.shape[2]
         n = self.n_win
-        if self.auto_pad:
-            x = _pad_to_multiple(x, n, channels_last=True)
-        else:
-            _check_divisible('BiLevelRoutingAttention', height, width, n, 'feature map')
+        x = self._fit(x)
         h, w = x.shape[1] // n, x.shape[2] // n
         q, k, v = self.qkv(x).split([self.dim, self.dim, self.dim], dim=-1)
         qr, kr, vr = _to_regions(q, n), _to_regions(k, n), _to_regions(v, n)
@@ -229,11 +244,10 @@ class BiLevelRoutingAttention(nn.Module):
         out = _routed_attention(qr, kr, vr, index, self.num_heads, self.scale, use_fused(self.attn_impl, x))
         out = _from_regions(out, n, h, w)
         out = out + self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        out = self.wo(out)
-        return out[:, :height, :width].contiguous() if self.auto_pad else out
+        return self._crop(self.wo(out), height, width)
 
 
-class DeBiLevelRoutingAttention(nn.Module):
+class DeBiLevelRoutingAttention(_RoutingAttention):
     """Deformable agent bi-level routing attention on channels-last maps (N, H, W, C) -> (N, H, W, C).
 
     1. Q, K, V of every pixel (one 1x1 conv). 2. Offsets from Q (per group, a strided depthwise
@@ -247,19 +261,12 @@ class DeBiLevelRoutingAttention(nn.Module):
     def __init__(self, *, dim: int, num_heads: int, n_win: int, topk: int, groups: int, offset_kernel: int,
                  stride: int, mlp_ratio: int, table_size: int, side_dwconv: int = 5, auto_pad: bool = False,
                  attn_impl: str = 'reference') -> None:
-        super().__init__()
         if dim % groups or num_heads % groups:
             raise ValueError(f"DeBiLevelRoutingAttention: width {dim} and heads {num_heads} must both be "
                              f"divisible by the {groups} offset groups")
-        self.dim = dim
-        self.num_heads = num_heads
-        self.n_win = n_win
-        self.topk = topk
+        super().__init__(dim, num_heads, n_win, topk, auto_pad, attn_impl)
         self.groups = groups
         self.stride = stride
-        self.auto_pad = auto_pad
-        self.scale = dim ** -0.5
-        self.attn_impl = check_attn_impl(attn_impl)
         group_dim = dim // groups
 
         self.rpe_table = nn.Parameter(torch.zeros(num_heads, 2 * table_size - 1, 2 * table_size - 1))
@@ -298,10 +305,7 @@ class DeBiLevelRoutingAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[1], x.shape[2]
         n, g, m, c = self.n_win, self.groups, self.num_heads, self.dim
-        if self.auto_pad:
-            x = _pad_to_multiple(x, n, channels_last=True)
-        else:
-            _check_divisible('DeBiLevelRoutingAttention', height, width, n, 'feature map')
+        x = self._fit(x)
         b, h, w = x.shape[0], x.shape[1], x.shape[2]
         if h < 2 or w < 2:
             raise ValueError(f"DeBiLevelRoutingAttention: feature map {h}x{w} needs at least 2 pixels per side")
@@ -348,7 +352,7 @@ class DeBiLevelRoutingAttention(nn.Module):
         bias = F.grid_sample(table, displacement.flip(-1), mode='bilinear', align_corners=True)
         out = _attend(qp, ka, va, self.scale, fused, bias.reshape(b, m, h * w, num_agents))
         out = self.proj_out(out.transpose(-2, -1).reshape(b, c, h, w)).permute(0, 2, 3, 1)
-        return out[:, :height, :width].contiguous() if self.auto_pad else out
+        return self._crop(out, height, width)
 
 
 def _build_attention(kind: str, topk: int, dim: int, num_heads: int, n_win: int, agent: Tuple[int, int, int, int, int],

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.models import (build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function,
                          register_notrace_module)
 from timm.models._features import feature_take_indices
@@ -49,13 +49,6 @@ def _per_stage(value: Any, stages: int, name: str) -> List[Any]:
             raise ValueError(f'{name} has {len(value)} entries for {stages} stages: {list(value)}')
         return list(value[:stages])
     return [value] * stages
-
-
-def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    h, w = size
-    return int(h), int(w)
 
 
 def _stride_split(ratio: int) -> Tuple[int, int, int]:
@@ -181,7 +174,7 @@ class VSAttention(nn.Module):
 
         # The official float32 grid of the build size: follows the module's device, never its
         # dtype (see _apply); other input sizes build theirs on the fly.
-        self.grid_size = _pair(input_size)
+        self.grid_size = to_2tuple(input_size)
         self.base_grid, self.rel_grid = reference_grid(
             _padded(self.grid_size[0], ws), _padded(self.grid_size[1], ws), ws)
 
@@ -481,7 +474,7 @@ class ViTAEv2VSA(nn.Module):
 
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.img_size = _pair(img_size)
+        self.img_size = to_2tuple(img_size)
         self.window_size = window_size
         self.global_pool = global_pool
         self.reductions = [math.prod(ratios[:i + 1]) for i in range(n)]

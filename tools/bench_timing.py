@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data.throughput import sync_device
 from tools.bench_report import Row, short_error
 
 GIB = float(2 ** 30)
@@ -33,11 +34,6 @@ TRAIN_FLOPS_PER_FORWARD = 3.0      # forward + backward (grads of activations an
 
 
 # ----------------------------------------------------------------------------- device, memory, peak FLOP/s
-def _sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
 def _release_freed_heap() -> None:
     """Give freed malloc memory back to the OS (glibc), so that the resident set shrinks to what
     is live and the next phase's growth is its own; a no-op elsewhere."""
@@ -136,7 +132,7 @@ class Workload:
         self.model.eval()
         with torch.no_grad(), self._amp():
             self.runner(self.x)
-        _sync(self.device)
+        sync_device(self.device)
 
     def train_step(self) -> None:
         self.model.train()
@@ -150,7 +146,7 @@ class Workload:
         else:
             loss.backward()
             self.optimizer.step()
-        _sync(self.device)
+        sync_device(self.device)
 
 
 def timed(step: Callable[[], None]) -> Tuple[float, float]:

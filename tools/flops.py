@@ -38,11 +38,13 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.layers import to_2tuple
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models.nat as nat  # noqa: E402
+from tools.cli_options import add_img_size_option  # noqa: E402
 
 # GFLOPs (MACs) the papers report, keyed by (MODEL.NAME, input size).
 PAPER_GMACS: Dict[Tuple[str, int], float] = {
@@ -97,13 +99,6 @@ def _count_neighborhood_attention(tally: Dict[str, int]) -> Iterator[None]:
         nat.neighborhood_attention = real
 
 
-def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    h, w = size
-    return int(h), int(w)
-
-
 def count_flops(model: nn.Module, img_size: Union[int, Sequence[int]] = 224, batch_size: int = 1) -> dict:
     """Parameters and MACs of one forward pass of ``model`` on ``batch_size`` RGB images.
 
@@ -111,7 +106,7 @@ def count_flops(model: nn.Module, img_size: Union[int, Sequence[int]] = 224, bat
     'neighborhood', 'grid_sample'}}``. The model is not changed (its weights are swapped for
     meta tensors only inside the call).
     """
-    height, width = _pair(img_size)
+    height, width = to_2tuple(img_size)
     tally: Dict[str, int] = defaultdict(int)
     meta = {name: torch.empty_like(t, device='meta')
             for name, t in list(model.named_parameters()) + list(model.named_buffers())}
@@ -137,7 +132,7 @@ def count_flops(model: nn.Module, img_size: Union[int, Sequence[int]] = 224, bat
 
 def paper_gmacs(model_name: str, img_size: Union[int, Sequence[int]]) -> Optional[float]:
     """The paper's GFLOPs for a config name at a square size, when it reports one."""
-    h, w = _pair(img_size)
+    h, w = to_2tuple(img_size)
     return PAPER_GMACS.get((model_name, h)) if h == w else None
 
 
@@ -164,13 +159,10 @@ def format_table(rows: List[List[str]]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description='Parameters and GFLOPs (MACs) of model configs.')
     parser.add_argument('--cfg', nargs='+', required=True, help='YAML config file(s)')
-    parser.add_argument('--img-size', type=int, nargs='+', default=None,
-                        help='input size N (or H W); default: each config\'s DATA.IMG_SIZE')
+    add_img_size_option(parser, help='input size N (or H W); default: each config\'s DATA.IMG_SIZE')
     parser.add_argument('--batch-size', type=int, default=1)
     parser.add_argument('--opts', nargs='+', default=(), help="config overrides 'KEY VALUE' pairs")
     args = parser.parse_args(argv)
-    if args.img_size is not None and len(args.img_size) not in (1, 2):
-        parser.error('--img-size takes N or H W')
 
     from config import ConfigError, load_config
     from models import build_model
@@ -183,8 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except ConfigError as e:
             print(f'error: {e}', file=sys.stderr)
             return 1
-        size = config.DATA.IMG_SIZE if args.img_size is None else (
-            args.img_size[0] if len(args.img_size) == 1 else tuple(args.img_size))
+        size = config.DATA.IMG_SIZE if args.img_size is None else args.img_size
         result = count_flops(build_model(config), size, args.batch_size)
         rows.append(_row(config.MODEL.NAME, result))
     print(format_table(rows))

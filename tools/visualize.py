@@ -35,6 +35,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models.dat_blocks import DAttention  # noqa: E402
+from tools.cli_options import add_img_size_option  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -266,13 +267,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--out', default='vis', help='output directory for the PNGs')
     parser.add_argument('--query', type=float, nargs=2, metavar=('Y', 'X'), default=None,
                         help='query pixel on the resized image (default: the centre)')
-    parser.add_argument('--img-size', type=int, nargs='+', default=None, help='N or H W (default: DATA.IMG_SIZE)')
+    add_img_size_option(parser, help='N or H W (default: DATA.IMG_SIZE)')
     parser.add_argument('--top-k', type=int, default=10, help='attended keys drawn per group')
     parser.add_argument('--ema', action='store_true', help="use the checkpoint's 'ema' weights")
     parser.add_argument('--opts', nargs='+', default=(), help="config overrides 'KEY VALUE' pairs")
     args = parser.parse_args(argv)
-    if args.img_size is not None and len(args.img_size) not in (1, 2):
-        parser.error('--img-size takes N or H W')
     if args.ckpt is None:
         print('warning: no --ckpt given, drawing a randomly initialised model', file=sys.stderr)
 
