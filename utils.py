@@ -1,6 +1,6 @@
 """Pretrained loading and reproducibility (deterministic kernels, RNG state, digests).
 
-Checkpoint files themselves (safe reading, atomic writes, resume) live in ``checkpoint.py``.
+Checkpoint files themselves (safe reading, atomic writes, resume policy) live in the ``checkpoint`` package.
 """
 from __future__ import annotations
 
