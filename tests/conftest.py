@@ -76,30 +76,44 @@ def pytest_configure(config) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
-# Under pytest-xdist (``-n 2 --dist loadgroup``): the end-to-end tests that take longest start
-# first, so that the short ones fill the gaps at the end instead of waiting behind them.
-FIRST = ('test_train.py', 'test_crash.py', 'test_distributed.py', 'test_timm_type.py',
-         'test_benchmark.py', 'test_debiformer.py')
+# ----------------------------------------------------------------------------- pytest-xdist
+# ``-n 2``: each test module goes to one worker as a whole (its module-scoped fixtures, such as one
+# real training run read by several tests, are then made once), except in the modules below, whose
+# tests share nothing but session fixtures (``made_once``) and are spread one by one. The end-to-end
+# tests that take longest start first, so that the short ones fill the gaps at the end.
+SPREAD = ('test_bad_input.py', 'test_checkpoint_safety.py', 'test_crash.py', 'test_resume.py',
+          'test_preemption.py', 'test_observability.py', 'test_timm_type.py', 'test_startup_errors.py',
+          'test_benchmark.py')
+FIRST = ('test_train.py', 'test_crash.py', 'test_distributed.py', 'test_benchmark.py',
+         'test_timm_type.py', 'test_debiformer.py', 'test_checkpoint_safety.py')
 
 
-@pytest.hookimpl(tryfirst=True)         # before xdist reads the groups
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue('dist') != 'load':
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split('::', 1)[0]
+            return nodeid if Path(module).name in SPREAD else module
+
+    config.option.loadscopereorder = False          # keep the order of the collection below
+    return ByModule(config, log)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     if not os.environ.get('PYTEST_XDIST_WORKER'):
         return
-    for item in items:
-        # Tests that share a module-scoped fixture (one real run read by several tests) run in one
-        # worker, so that the run is made once.
-        defs = getattr(item, '_fixtureinfo', None)
-        scopes = [d.scope for name in (defs.names_closure if defs else ())
-                  for d in defs.name2fixturedefs.get(name, ())]
-        if 'module' in scopes:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
     def rank(item) -> int:
         if item.get_closest_marker('slow') is None:
             return len(FIRST) + 1
         return FIRST.index(item.path.name) if item.path.name in FIRST else len(FIRST)
     items.sort(key=rank)
+
+
 DEMO_CFG = str(REPO / 'configs' / 'demo.yaml')
 MODEL_NAME = 'dat_demo'          # MODEL.NAME of configs/demo.yaml (part of the output path)
 
