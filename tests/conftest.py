@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import glob
-import itertools
 import hashlib
 import json
 import os
@@ -221,24 +220,12 @@ def start_main(args: Sequence[str], output: Path, tag: str = 'run', cfg: str = D
                             env=subprocess_env(), stdout=out, stderr=err)
 
 
-_PORTS = itertools.count()
-
-
 def free_port() -> int:
-    """A TCP port free right now, below the kernel's ephemeral range (where gloo's own connections
-    take theirs) and, under pytest-xdist, in a block of its own per worker: tests running side by
-    side never pick the same port."""
-    worker = os.environ.get('PYTEST_XDIST_WORKER', 'gw0')
-    base = 21000 + 500 * (int(worker[2:]) % 20 if worker[2:].isdigit() else 0)
-    for _ in range(500):
-        port = base + next(_PORTS) % 500
-        with socket.socket() as s:
-            try:
-                s.bind(('', port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f'no free TCP port in {base}..{base + 499}')
+    """A port the kernel hands out as free (bound sockets never share one, so tests running side by
+    side in pytest-xdist workers get different ports)."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 
 def run_torchrun(nproc: int, args: Sequence[str], output: Path, tag: str = 'run', timeout: float = 300,
