@@ -71,8 +71,11 @@ def pytest_configure(config) -> None:
                                        'deselect with -m "not slow"')
     workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
     if workers > 1:
-        # pytest-xdist workers share the cores: one worker's in-process tests should not take them all.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        # pytest-xdist workers share the cores: neither a worker's in-process tests nor the
+        # processes it starts should take them all (threads waiting for a core only burn time).
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ.setdefault('OMP_NUM_THREADS', str(threads))
 
 
 # ----------------------------------------------------------------------------- pytest-xdist
