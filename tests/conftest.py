@@ -8,6 +8,7 @@ only ``test_train`` trains the demo config for accuracy.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import hashlib
 import json
@@ -68,6 +69,53 @@ def float64_default():
 def pytest_configure(config) -> None:
     config.addinivalue_line('markers', 'slow: starts real processes (main.py, torchrun, train.sh); '
                                        'deselect with -m "not slow"')
+    workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+    if workers > 1:
+        # pytest-xdist workers share the cores: neither a worker's in-process tests nor the
+        # processes it starts should take them all (threads waiting for a core only burn time).
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ.setdefault('OMP_NUM_THREADS', str(threads))
+
+
+# ----------------------------------------------------------------------------- pytest-xdist
+# ``-n 2``: each test module goes to one worker as a whole (its module-scoped fixtures, such as one
+# real training run read by several tests, are then made once), except in the modules below, whose
+# tests share nothing but session fixtures (``made_once``) and are spread one by one. The end-to-end
+# tests that take longest start first, so that the short ones fill the gaps at the end.
+SPREAD = ('test_bad_input.py', 'test_checkpoint_safety.py', 'test_crash.py', 'test_resume.py',
+          'test_preemption.py', 'test_observability.py', 'test_timm_type.py', 'test_startup_errors.py',
+          'test_benchmark.py')
+FIRST = ('test_train.py', 'test_crash.py', 'test_distributed.py', 'test_benchmark.py',
+         'test_timm_type.py', 'test_debiformer.py', 'test_checkpoint_safety.py')
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue('dist') != 'load':
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split('::', 1)[0]
+            return nodeid if Path(module).name in SPREAD else module
+
+    config.option.loadscopereorder = False          # keep the order of the collection below
+    return ByModule(config, log)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if not os.environ.get('PYTEST_XDIST_WORKER'):
+        return
+
+    def rank(item) -> int:
+        if item.get_closest_marker('slow') is None:
+            return len(FIRST) + 1
+        return FIRST.index(item.path.name) if item.path.name in FIRST else len(FIRST)
+    items.sort(key=rank)
+
+
 DEMO_CFG = str(REPO / 'configs' / 'demo.yaml')
 MODEL_NAME = 'dat_demo'          # MODEL.NAME of configs/demo.yaml (part of the output path)
 
@@ -176,6 +224,8 @@ def start_main(args: Sequence[str], output: Path, tag: str = 'run', cfg: str = D
 
 
 def free_port() -> int:
+    """A port the kernel hands out as free (bound sockets never share one, so tests running side by
+    side in pytest-xdist workers get different ports)."""
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
@@ -238,6 +288,25 @@ def assert_same_training_state(a: dict, b: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- data
+def made_once(tmp_path_factory, name: str, make):
+    """``make(folder)`` for this test session, JSON-serialisable result: once per pytest-xdist run
+    too, where each worker has a session of its own (the first worker makes it under a lock in
+    the folder the workers share, the others read it)."""
+    if not os.environ.get('PYTEST_XDIST_WORKER'):
+        return make(tmp_path_factory.mktemp(name))
+    shared = tmp_path_factory.getbasetemp().parent
+    result = shared / f'{name}.json'
+    with open(shared / f'{name}.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not result.exists():
+            folder = shared / name
+            if folder.exists():
+                pytest.fail(f'making {name} failed in another worker (see its error)', pytrace=False)
+            folder.mkdir()
+            result.write_text(json.dumps(make(folder)))
+    return json.loads(result.read_text())
+
+
 @pytest.fixture(scope='session')
 def demo_data(tmp_path_factory) -> str:
     """The demo set configs/demo.yaml is tuned for: 4 classes, 256 train + 32 val JPEGs each, 64x64."""
@@ -257,8 +326,8 @@ def demo_small(tmp_path_factory) -> str:
 def tiny_data(tmp_path_factory) -> str:
     """3 classes, 8 train + 3 val JPEGs each (9 val images: odd, to test exact distributed eval)."""
     from data.demo import make_demo_dataset
-    return make_demo_dataset(str(tmp_path_factory.mktemp('tiny') / 'data'), classes=3,
-                             train_per_class=8, val_per_class=3, size=64, seed=1)
+    return made_once(tmp_path_factory, 'tiny', lambda folder: make_demo_dataset(
+        str(folder / 'data'), classes=3, train_per_class=8, val_per_class=3, size=64, seed=1))
 
 
 TINY_DATA_OPTS = ['MODEL.NUM_CLASSES', '3', 'MODEL.DAT.num_classes', '3']
@@ -275,8 +344,11 @@ def tiny_args(data: str, *extra: str) -> List[str]:
 def tiny_reference(tmp_path_factory, tiny_data) -> Run:
     """An uninterrupted, deterministic run of the tiny model: the trajectory that resumed and
     crashed runs must reproduce bit for bit. Keeps every epoch checkpoint."""
-    out = tmp_path_factory.mktemp('reference')
-    return run_main(tiny_args(tiny_data, 'TRAIN.KEEP_CHECKPOINTS', '0'), out, tag='straight').check()
+    def make(out: Path) -> dict:
+        run = run_main(tiny_args(tiny_data, 'TRAIN.KEEP_CHECKPOINTS', '0'), out, tag='straight').check()
+        return {**run.__dict__, 'output': str(run.output)}
+    fields = made_once(tmp_path_factory, 'reference', make)
+    return Run(**{**fields, 'output': Path(fields['output'])})
 
 
 def final_checkpoint(run_output: Path) -> dict:

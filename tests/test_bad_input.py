@@ -16,8 +16,6 @@ from conftest import MODEL_NAME, REPO, TINY_OPTS, file_digests, load_ckpt, run_m
 sys.path.insert(0, str(REPO))
 from checkpoint import LOCK_NAME  # noqa: E402
 
-pytestmark = pytest.mark.slow
-
 pytestmark = pytest.mark.slow       # starts real main.py processes
 
 TAG = 'case'
