@@ -69,6 +69,20 @@ class TransformerMLP(nn.Module):
         return self.chunk(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+def residual_depthwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``x + conv(x)`` for a depthwise, stride-1, same-size conv, as one conv with its centre tap
+    raised by one: neither the sum nor a second gradient of ``x`` is materialised (equal up to
+    rounding)."""
+    kh, kw = conv.kernel_size
+    if (conv.groups != conv.in_channels or conv.in_channels != conv.out_channels or conv.stride != (1, 1)
+            or conv.dilation != (1, 1) or conv.padding != (kh // 2, kw // 2) or kh % 2 == 0 or kw % 2 == 0
+            or conv.padding_mode != 'zeros'):
+        return x + conv(x)
+    identity = torch.zeros_like(conv.weight)
+    identity[:, :, kh // 2, kw // 2] = 1.0
+    return F.conv2d(x, conv.weight + identity, conv.bias, padding=conv.padding, groups=conv.groups)
+
+
 class TransformerMLPWithConv(nn.Module):
     """MLP of 1x1 convs with a residual 3x3 depthwise conv in the hidden layer (DAT++ "DWC MLP")."""
 
@@ -84,20 +98,6 @@ class TransformerMLPWithConv(nn.Module):
         x = self.linear1(x)
         x = self.act(residual_depthwise_conv(self.dwc, x))
         return self.linear2(x)
-
-
-def residual_depthwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``x + conv(x)`` for a depthwise, stride-1, same-size conv, as one conv with its centre tap
-    raised by one: neither the sum nor a second gradient of ``x`` is materialised (equal up to
-    rounding)."""
-    kh, kw = conv.kernel_size
-    if (conv.groups != conv.in_channels or conv.in_channels != conv.out_channels or conv.stride != (1, 1)
-            or conv.dilation != (1, 1) or conv.padding != (kh // 2, kw // 2) or kh % 2 == 0 or kw % 2 == 0
-            or conv.padding_mode != 'zeros'):
-        return x + conv(x)
-    identity = torch.zeros_like(conv.weight)
-    identity[:, :, kh // 2, kw // 2] = 1.0
-    return F.conv2d(x, conv.weight + identity, conv.bias, padding=conv.padding, groups=conv.groups)
 
 
 # ----------------------------------------------------------------------------- window attention
