@@ -78,8 +78,8 @@ def residual_depthwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
             or conv.dilation != (1, 1) or conv.padding != (kh // 2, kw // 2) or kh % 2 == 0 or kw % 2 == 0
             or conv.padding_mode != 'zeros'):
         return x + conv(x)
-    identity = torch.zeros_like(conv.weight)
-    identity[:, :, kh // 2, kw // 2] = 1.0
+    # A one at the centre of each channel's kernel, built without item assignment (FX-traceable).
+    identity = F.pad(conv.weight.new_ones(conv.out_channels, 1, 1, 1), (kw // 2, kw // 2, kh // 2, kh // 2))
     return F.conv2d(x, conv.weight + identity, conv.bias, padding=conv.padding, groups=conv.groups)
 
 

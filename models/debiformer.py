@@ -208,10 +208,11 @@ class _RoutingAttention(nn.Module):
         self.scale = dim ** -0.5
         self.attn_impl = check_attn_impl(attn_impl)
 
-    def _fit(self, x: torch.Tensor) -> torch.Tensor:
+    def _fit(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        # ``name`` is passed in (not ``type(self).__name__``), which TorchScript cannot compile.
         if self.auto_pad:
             return _pad_to_multiple(x, self.n_win, channels_last=True)
-        _check_divisible(type(self).__name__, x.shape[1], x.shape[2], self.n_win, 'feature map')
+        _check_divisible(name, x.shape[1], x.shape[2], self.n_win, 'feature map')
         return x
 
     def _crop(self, out: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -236,7 +237,7 @@ class BiLevelRoutingAttention(_RoutingAttention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[1], x.shape[2]
         n = self.n_win
-        x = self._fit(x)
+        x = self._fit(x, 'BiLevelRoutingAttention')
         h, w = x.shape[1] // n, x.shape[2] // n
         q, k, v = self.qkv(x).split([self.dim, self.dim, self.dim], dim=-1)
         qr, kr, vr = _to_regions(q, n), _to_regions(k, n), _to_regions(v, n)
@@ -305,7 +306,7 @@ class DeBiLevelRoutingAttention(_RoutingAttention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[1], x.shape[2]
         n, g, m, c = self.n_win, self.groups, self.num_heads, self.dim
-        x = self._fit(x)
+        x = self._fit(x, 'DeBiLevelRoutingAttention')
         b, h, w = x.shape[0], x.shape[1], x.shape[2]
         if h < 2 or w < 2:
             raise ValueError(f"DeBiLevelRoutingAttention: feature map {h}x{w} needs at least 2 pixels per side")

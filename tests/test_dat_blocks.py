@@ -32,3 +32,12 @@ def test_residual_depthwise_conv_is_x_plus_conv(kernel, channels_last):
 def test_other_convs_keep_the_plain_sum(conv):
     x = torch.randn(1, 4, 6, 6)
     assert torch.allclose(residual_depthwise_conv(conv, x), x + conv(x), rtol=0, atol=0)
+
+
+def test_dwc_mlp_traces_with_fx():
+    """timm's FX feature extraction traces the blocks: the folded conv must be traceable."""
+    from models.dat_blocks import TransformerMLPWithConv
+    mlp = TransformerMLPWithConv(4, expansion=2).eval()
+    x = torch.randn(1, 4, 5, 5)
+    traced = torch.fx.symbolic_trace(mlp)
+    assert torch.allclose(traced(x), mlp(x), rtol=0, atol=0)

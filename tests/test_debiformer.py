@@ -297,3 +297,12 @@ def test_main_trains_and_evaluates_a_tiny_debiformer(tmp_path: Path, tiny_data: 
     assert evaluated.accuracies() == run.accuracies()
     bad = run_main(['--data-path', tiny_data, '--opts', *opts, 'DATA.IMG_SIZE', '72'], tmp_path, tag='bad')
     assert bad.returncode == 2 and 'nearest sides that work: 64 or 125' in bad.stderr
+
+
+def test_routing_attentions_compile_with_torchscript() -> None:
+    """timm's model tests script DeBiFormer: its attention modules must stay TorchScript-able."""
+    from models.debiformer import BiLevelRoutingAttention
+    attn = BiLevelRoutingAttention(dim=16, num_heads=2, n_win=2, topk=2).eval()
+    x = torch.randn(1, 4, 4, 16)
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.script(attn)(x), attn(x), atol=1e-6)
