@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module, trunc_normal_
 
 from .attention_impl import check_attn_impl, use_fused
+from .sampling import grid_sample_bilinear
 
 __all__ = ['POS_ENCODINGS', 'DEFORM_ARITHS', 'LayerNorm2d', 'LayerScale', 'TransformerMLP', 'TransformerMLPWithConv',
            'residual_depthwise_conv',
@@ -402,8 +403,7 @@ class DAttention(nn.Module):
                 raise ValueError(f'no_off deformable attention: {h}x{w} map pooled by stride {self.stride} gives '
                                  f'{tuple(sampled.shape[-2:])}, offsets give {hk}x{wk}; use a map divisible by the stride')
         else:
-            sampled = F.grid_sample(x.reshape(b * g, self.group_dim, h, w), pos.flip(-1),
-                                    mode='bilinear', padding_mode='zeros', align_corners=True)
+            sampled = grid_sample_bilinear(x.reshape(b * g, self.group_dim, h, w), pos.flip(-1))
         sampled = sampled.reshape(b, c, 1, n_keys)
 
         q = q.reshape(b * heads, self.head_dim, h * w)
@@ -464,7 +464,7 @@ class DAttention(nn.Module):
         query_xy = (query.flip(-1) * 0.5).reshape(1, 1, h * w, 1, 2)
         keys_xy = (pos.flip(-1) * 0.5).reshape(b, g, 1, n_keys, 2).transpose(0, 1).contiguous()
         grid = (query_xy - keys_xy).reshape(g, b * h * w, n_keys, 2)
-        bias = F.grid_sample(table, grid, mode='bilinear', padding_mode='zeros', align_corners=True)
+        bias = grid_sample_bilinear(table, grid)
         return bias.view(g, hg, b, h * w, n_keys).permute(2, 0, 1, 3, 4).reshape(b, heads, h * w, n_keys)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
 from .attention_impl import check_attn_impl, use_fused
+from .sampling import grid_sample_bilinear
 
 __all__ = ['DeBiFormer', 'BiLevelRoutingAttention', 'DeBiLevelRoutingAttention', 'AGENT_CONSTANTS',
            'checkpoint_filter_fn', 'check_input_size', 'valid_input_sides']
@@ -320,8 +321,7 @@ class DeBiLevelRoutingAttention(_RoutingAttention):
         hk, wk = offset.shape[-2], offset.shape[-1]
         reference = self._agent_reference(hk, wk, x.dtype, x.device)
         pos = (offset.permute(0, 2, 3, 1) + reference).clamp(-1.0, 1.0)        # (b*g, hk, wk, 2), (y, x)
-        agents = F.grid_sample(x.reshape(b * g, c // g, h, w), pos.flip(-1), mode='bilinear',
-                               align_corners=True).reshape(b, c, hk, wk)
+        agents = grid_sample_bilinear(x.reshape(b * g, c // g, h, w), pos.flip(-1)).reshape(b, c, hk, wk)
         if self.auto_pad:       # padded agents: zero features at position (0, 0)
             agents = _pad_to_multiple(agents, n, channels_last=False)
             lepe = _pad_to_multiple(lepe, n, channels_last=False)
@@ -350,7 +350,7 @@ class DeBiLevelRoutingAttention(_RoutingAttention):
         displacement = (grid.view(1, h * w, 1, 2) - pos.reshape(b * g, 1, num_agents, 2)).mul(0.5)
         table = self.rpe_table
         table = table.unsqueeze(0).expand(b, -1, -1, -1).reshape(b * g, m // g, table.shape[-2], table.shape[-1])
-        bias = F.grid_sample(table, displacement.flip(-1), mode='bilinear', align_corners=True)
+        bias = grid_sample_bilinear(table, displacement.flip(-1))
         out = _attend(qp, ka, va, self.scale, fused, bias.reshape(b, m, h * w, num_agents))
         out = self.proj_out(out.transpose(-2, -1).reshape(b, c, h, w)).permute(0, 2, 3, 1)
         return self._crop(out, height, width)

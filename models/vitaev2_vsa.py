@@ -34,6 +34,7 @@ from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
 from .attention_impl import check_attn_impl, use_fused
+from .sampling import grid_sample_bilinear
 
 __all__ = ['ViTAEv2VSA', 'VSAttention', 'ReductionCell', 'NormalCell', 'checkpoint_filter_fn',
            'reference_grid', 'VSA_VARIANTS']
@@ -232,8 +233,7 @@ class VSAttention(nn.Module):
         qkv = F.pad(self.qkv(z), (0, pad_r, 0, pad_b))
         q = qkv[:, :self.out_dim].reshape(b * n, c, hp, wp)
         kv = qkv[:, self.out_dim:].reshape(b, 2, n, c, hp, wp).transpose(1, 2).reshape(b * n, 2 * c, hp, wp)
-        sampled = F.grid_sample(kv.to(grid.dtype), grid, mode='bilinear', padding_mode='zeros',
-                                align_corners=True).to(kv.dtype)
+        sampled = grid_sample_bilinear(kv.to(grid.dtype), grid).to(kv.dtype)
 
         q = self._windows(q, b, nh, nw)
         kv = self._windows(sampled, b, nh, nw)
