@@ -33,6 +33,7 @@ import torch
 from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from timm.data.auto_augment import AugmentOp
+from timm.data.transforms import MaybePILToTensor
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
@@ -117,8 +118,10 @@ def build_transform(is_train: bool, config: Any, uint8: Optional[bool] = None) -
     posterize patched by :func:`posterize_compat`).
     Evaluation: :func:`eval_resize`, tensor, ImageNet normalisation.
 
-    ``uint8`` (default: ``DATA.DEVICE_NORMALIZE``) ends both at a ``uint8`` tensor instead:
-    no normalisation and no random erasing, which :class:`DeviceNormalizeLoader` applies.
+    ``uint8`` (default: ``DATA.DEVICE_NORMALIZE``) ends both at the augmented RGB image instead:
+    no tensor conversion, normalisation or random erasing in the worker. The collate packs the
+    images into one uint8 batch (:func:`~data.folder.pack_images`) and
+    :class:`DeviceNormalizeLoader` does the rest on the device.
     """
     size = int(config.DATA.IMG_SIZE)
     uint8 = bool(config.DATA.DEVICE_NORMALIZE) if uint8 is None else uint8
@@ -141,10 +144,15 @@ def build_transform(is_train: bool, config: Any, uint8: Optional[bool] = None) -
         if size <= 32:
             # At CIFAR scale a random-resized crop destroys too much of the image.
             transform.transforms[0] = transforms.RandomCrop(size, padding=4)
+        if uint8:
+            # timm's prefetcher pipeline ends at a CHW tensor; the collate wants the image itself.
+            last = transform.transforms.pop()
+            if not isinstance(last, MaybePILToTensor):
+                raise RuntimeError(f'timm prefetcher transforms end at {last!r}, expected MaybePILToTensor')
         return transform
 
     if uint8:
-        return transforms.Compose(eval_resize(config) + [transforms.PILToTensor()])
+        return transforms.Compose(eval_resize(config))
     return transforms.Compose(eval_resize(config) + [
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
@@ -243,7 +251,7 @@ def build_loader(config: Any, device: Union[str, torch.device, None] = None,
         seed=int(config.SEED), batch_size=batch_size)
     sampler_val = DistributedEvalSampler(dataset_val, num_replicas=num_replicas, rank=rank)
 
-    collate = SkipBadCollate(image_size=int(config.DATA.IMG_SIZE))
+    collate = SkipBadCollate(image_size=int(config.DATA.IMG_SIZE), uint8=bool(config.DATA.DEVICE_NORMALIZE))
     common = dict(num_workers=int(config.DATA.NUM_WORKERS), pin_memory=_pin_memory(config),
                   collate_fn=collate, worker_init_fn=worker_init_fn)
     data_loader_train = SafeDataLoader(

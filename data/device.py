@@ -2,9 +2,11 @@
 
 Decoding and augmenting is what limits a loader worker; converting to float, normalising and
 random erasing on the device frees the workers from that arithmetic and ships a quarter of the
-bytes. :class:`DeviceNormalizeLoader` wraps a loader whose transform ends at a uint8 tensor
-(``build_transform(..., uint8=True)``) and yields the same ``(images, targets, n_skipped)``
-3-tuples as the float pipeline, with ``images`` and ``targets`` on ``device``. The result has
+bytes. :class:`DeviceNormalizeLoader` wraps a loader of uint8 NHWC batches (the transforms of
+``build_transform(..., uint8=True)`` end at the image, and the collate writes each image once
+into the batch in its own channels-last layout) and yields the same ``(images, targets,
+n_skipped)`` 3-tuples as the float pipeline (float NCHW), with ``images`` and ``targets`` on
+``device``. The result has
 the distribution of the float pipeline: normalisation is the same affine map (equal to ~1e-7),
 and random erasing is timm's ``RandomErasing`` with the same arguments, applied per image after
 normalisation exactly as in the float pipeline (only its random draws come from the main
@@ -26,12 +28,14 @@ __all__ = ['DeviceNormalizeLoader', 'normalize_uint8']
 
 
 def normalize_uint8(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """``(images / 255 - mean) / std`` for uint8 ``images``, with ``mean``/``std`` already x255."""
-    return images.float().sub_(mean).div_(std)
+    """``(images / 255 - mean) / std`` as a contiguous float NCHW batch, for uint8 NHWC ``images``;
+    ``mean``/``std`` already x255 and shaped ``(1, C, 1, 1)``. The layout changes on the uint8
+    bytes, a quarter of the float ones."""
+    return images.permute(0, 3, 1, 2).contiguous().float().sub_(mean).div_(std)
 
 
 class DeviceNormalizeLoader:
-    """Wrap ``loader`` (uint8 images) so it yields normalised float images on ``device``.
+    """Wrap ``loader`` (uint8 NHWC batches) so it yields normalised float NCHW batches on ``device``.
 
     ``re_prob > 0`` adds timm random erasing (``re_mode``, ``re_count``) on the device. Attributes
     other than iteration and ``len`` (``sampler``, ``dataset``, ``batch_size``, ...) are the

@@ -18,8 +18,8 @@
 ``SafeDataLoader`` logs one warning per skipped file (logger ``'dat.data'``) *in the main
 process*, so the warning reaches the run's log handlers even when the file was read by a
 worker process, and yields ``n_skipped`` as a plain ``int``. A batch in which every file was
-bad yields ``images`` of shape ``[0, 3, S, S]``, ``targets`` of shape ``[0]`` and
-``n_skipped > 0``: training loops must skip such a batch.
+bad yields no images (``[0, 3, S, S]``; uint8 ``[0, S, S, 3]`` for the device-normalised
+pipeline), ``targets`` of shape ``[0]`` and ``n_skipped > 0``: training loops must skip such a batch.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -40,7 +40,7 @@ from .errors import DataError
 
 __all__ = [
     'DataError', 'BadSample', 'SkipCount', 'SafeImageFolder', 'SkipBadCollate', 'SafeDataLoader',
-    'load_rgb', 'to_rgb', 'is_image_file', 'check_data_root', 'DATA_PATH_ENV',
+    'pack_images', 'load_rgb', 'to_rgb', 'is_image_file', 'check_data_root', 'DATA_PATH_ENV',
 ]
 
 _logger = logging.getLogger('dat.data')
@@ -223,22 +223,52 @@ class SafeImageFolder(ImageFolder):
 
 
 # ----------------------------------------------------------------------------- batching
+def pack_images(images: Sequence[Image.Image]) -> torch.Tensor:
+    """Same-size RGB images as one ``uint8`` NHWC batch, each written once into place.
+
+    Inside a loader worker the batch is made in shared memory, so it reaches the main process
+    without another copy (as ``default_collate`` does). Channels-last is the images' own layout:
+    no transposing copy in the worker.
+    """
+    first = images[0]
+    for img in images:
+        if img.mode != 'RGB' or img.size != first.size:
+            raise DataError(f"cannot batch a {img.mode} {img.size[0]}x{img.size[1]} image with a "
+                            f"{first.mode} {first.size[0]}x{first.size[1]} one: the uint8 pipeline "
+                            f"(DATA.DEVICE_NORMALIZE) needs transforms that end at same-size RGB images")
+    width, height = first.size
+    batch = torch.empty(len(images), height, width, 3, dtype=torch.uint8)
+    if get_worker_info() is not None:
+        batch.share_memory_()
+    array = batch.numpy()
+    for i, img in enumerate(images):
+        array[i] = np.asarray(img)
+    return batch
+
+
 class SkipBadCollate:
     """Collate ``(image, target)`` samples into ``(images, targets, n_skipped)``, dropping markers.
 
-    ``n_skipped`` is a :class:`SkipCount`. ``image_size`` shapes the empty ``images`` tensor of a
-    batch whose every sample was bad (``[0, 3, image_size, image_size]``).
+    ``n_skipped`` is a :class:`SkipCount`. Tensor images are stacked (``default_collate``); PIL
+    images (the ``DATA.DEVICE_NORMALIZE`` transforms end there) become one ``uint8`` NHWC batch
+    (:func:`pack_images`). ``image_size`` shapes the empty ``images`` of a batch whose every
+    sample was bad: ``[0, 3, S, S]`` float, or ``[0, S, S, 3]`` uint8 with ``uint8=True``.
     """
 
-    def __init__(self, image_size: int = 0) -> None:
+    def __init__(self, image_size: int = 0, uint8: bool = False) -> None:
         self.image_size = int(image_size)
+        self.uint8 = bool(uint8)
 
     def __call__(self, batch: Sequence[Any]) -> Tuple[torch.Tensor, torch.Tensor, SkipCount]:
         good = [s for s in batch if not isinstance(s, BadSample)]
         skipped = SkipCount([s for s in batch if isinstance(s, BadSample)])
         if not good:
             s = self.image_size
-            return torch.empty(0, 3, s, s), torch.empty(0, dtype=torch.long), skipped
+            images = torch.empty(0, s, s, 3, dtype=torch.uint8) if self.uint8 else torch.empty(0, 3, s, s)
+            return images, torch.empty(0, dtype=torch.long), skipped
+        if isinstance(good[0][0], Image.Image):
+            images = pack_images([img for img, _ in good])
+            return images, torch.as_tensor([t for _, t in good], dtype=torch.long), skipped
         images, targets = default_collate(good)
         return images, torch.as_tensor(targets, dtype=torch.long), skipped
 

@@ -3,20 +3,24 @@
 
     python -m data.throughput --cfg configs/dat_tiny.yaml --data-path /imagenet --workers 1 2 --batches 50
 
-prints one JSON line per (pipeline, workers). :func:`loader_throughput` is the function the
-benchmark tool calls.
+prints one JSON line per (workers, round, pipeline), the pipelines alternating round by round,
+then one summary line per worker count: the median images/s of each pipeline and their ratio.
+On a CPU the main process stands in for the device and runs with ``--main-threads`` (default 1)
+threads, so that the device's work does not take the cores the workers run on.
+:func:`compare_pipelines` is what the benchmark tool calls.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-__all__ = ['loader_throughput', 'sync_device']
+__all__ = ['compare_pipelines', 'loader_throughput', 'sync_device']
 
 
 def sync_device(device: torch.device) -> None:
@@ -68,6 +72,30 @@ def loader_throughput(config: Any, device_normalize: bool, num_workers: int, bat
             'images_per_s': per_second, 'images_per_s_per_worker': per_second / max(int(num_workers), 1)}
 
 
+def compare_pipelines(config: Any, num_workers: int, batches: int = 30, warmup: int = 5, rounds: int = 3,
+                      device: Union[str, torch.device, None] = None, train: bool = True,
+                      on_result: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+    """Both pipelines, alternating for ``rounds`` rounds: the median images/s per worker of each,
+    ``ratio`` = device-normalised / float, and ``images_timed`` per measurement. ``on_result``
+    sees every single measurement."""
+    per_worker: Dict[str, List[float]] = {'float': [], 'device_normalize': []}
+    result: Dict[str, Any] = {}
+    for r in range(rounds):
+        # Every other round starts with the other pipeline: neither always runs first.
+        order = (False, True) if r % 2 == 0 else (True, False)
+        for device_normalize in order:
+            result = loader_throughput(config, device_normalize, num_workers, batches, warmup, device, train)
+            result['round'] = r + 1
+            per_worker[result['pipeline']].append(result['images_per_s_per_worker'])
+            if on_result is not None:
+                on_result(result)
+    medians = {name: statistics.median(values) for name, values in per_worker.items()}
+    return {'workers': int(num_workers), 'device': result['device'], 'batch_size': result['batch_size'],
+            'rounds': int(rounds), 'images_timed': result['batches'] * result['batch_size'], 'float_per_worker': medians['float'],
+            'device_normalize_per_worker': medians['device_normalize'],
+            'ratio': medians['device_normalize'] / medians['float']}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from config import ConfigError, load_config
 
@@ -79,17 +107,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--workers', type=int, nargs='+', default=[1, 2])
     parser.add_argument('--batches', type=int, default=30)
     parser.add_argument('--warmup', type=int, default=5)
+    parser.add_argument('--rounds', type=int, default=3, help='alternating rounds of the two pipelines (medians)')
+    parser.add_argument('--main-threads', type=int, default=1,
+                        help="torch threads of the main process when --device is cpu (it does the device's work)")
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--val', action='store_true', help='time the validation loader instead')
     parser.add_argument('--opts', nargs='+', default=[])
     args = parser.parse_args(argv)
     try:
+        if args.rounds < 1 or args.main_threads < 1:
+            raise ValueError(f'--rounds and --main-threads must be >= 1, got {args.rounds} and {args.main_threads}')
         config = load_config(args.cfg, ['DATA.DATA_PATH', args.data_path, *args.opts])
+        if torch.device(args.device).type == 'cpu':
+            torch.set_num_threads(args.main_threads)
         for workers in args.workers:
-            for device_normalize in (False, True):
-                result = loader_throughput(config, device_normalize, workers, args.batches, args.warmup,
-                                           args.device, train=not args.val)
-                print(json.dumps(result), flush=True)
+            summary = compare_pipelines(config, workers, args.batches, args.warmup, args.rounds, args.device,
+                                        train=not args.val, on_result=lambda r: print(json.dumps(r), flush=True))
+            print(json.dumps({'summary': summary}), flush=True)
     except (ConfigError, DataError, ValueError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

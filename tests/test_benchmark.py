@@ -216,7 +216,7 @@ def test_small_cpu_run_as_a_process(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(REPO / 'tools' / 'benchmark.py'), *SMALL, '--json', str(out),
          '--loader-workers', '1', '--loader-images', '24', '--loader-image-size', '48', '--loader-batch-size', '4',
-         '--loader-data', str(tmp_path / 'demo')],
+         '--loader-rounds', '1', '--loader-data', str(tmp_path / 'demo')],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -234,7 +234,9 @@ def test_small_cpu_run_as_a_process(tmp_path: Path) -> None:
         assert rows[name]['logits_max_rel_diff']['fp32'] <= 1e-4
     assert 'tiled' in rows['dat:reference']['kernels']['neighborhood']
     loader = result['loader']
-    assert loader['workers'] == 1 and loader['img_s_per_worker'] > 0 and loader['img_size'] == 224
+    assert loader['workers'] == 1 and loader['img_size'] == 224 and loader['rounds'] == 1
+    assert loader['float_img_s_per_worker'] > 0 and loader['device_normalize_img_s_per_worker'] > 0
+    assert loader['ratio'] == loader['device_normalize_img_s_per_worker'] / loader['float_img_s_per_worker']
     assert result['settings']['compile_backend'] == 'eager' and result['environment']['device'] == 'cpu'
     header = next(line for line in proc.stdout.splitlines() if line.startswith('entry '))
     for column in ('train img/s', 'infer img/s', 'train x base', 'mem x base', 'first/step'):

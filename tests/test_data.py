@@ -238,7 +238,7 @@ def test_eval_transform_equals_official_square_resize_on_jpegs(tmp_path, crop):
             path = _save(Image.fromarray(noise), tmp_path / f'{w}x{h}.jpg', quality=90)
             img = load_rgb(path)
             expected = torch.from_numpy(_official_eval(img, size, crop).copy()).permute(2, 0, 1)
-            assert torch.equal(as_uint8(img), expected), (size, w, h)
+            assert torch.equal(torch.from_numpy(np.array(as_uint8(img))).permute(2, 0, 1), expected), (size, w, h)
             want = (expected.double() / 255 - mean.double()) / std.double()
             assert torch.allclose(as_float(img).double(), want, atol=1e-6, rtol=0), (size, w, h)
 
@@ -387,6 +387,9 @@ def test_batch_of_only_corrupt_files_is_empty_with_count(tmp_path):
     ds = SafeImageFolder(str(tmp_path / 'train'), transform=build_transform(False, _cfg(DATA__IMG_SIZE=32)))
     (images, targets, n_skipped), = list(SafeDataLoader(ds, batch_size=4, collate_fn=SkipBadCollate(32)))
     assert images.shape == (0, 3, 32, 32) and targets.shape == (0,) and n_skipped == 3
+    ds.transform = build_transform(False, _cfg(DATA__IMG_SIZE=32), uint8=True)
+    (images, targets, n_skipped), = list(SafeDataLoader(ds, batch_size=4, collate_fn=SkipBadCollate(32, uint8=True)))
+    assert images.shape == (0, 32, 32, 3) and images.dtype == torch.uint8 and n_skipped == 3
 
 
 def test_transform_errors_are_not_swallowed(tmp_path):

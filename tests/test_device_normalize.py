@@ -12,8 +12,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 import config as config_module
 from data.build import build_loader, build_transform
 from data.demo import make_demo_dataset
-from data.device import DeviceNormalizeLoader
-from data.throughput import loader_throughput
+from data.device import DeviceNormalizeLoader, normalize_uint8
+from data.folder import BadSample, DataError, SafeDataLoader, SkipBadCollate
+from data.throughput import compare_pipelines, loader_throughput
+from data.throughput import main as throughput_main
 
 torch.set_num_threads(1)
 
@@ -41,13 +43,36 @@ def _batches(cfg, train, seed=0):
     return [(x, y, n) for x, y, n in loader]
 
 
-def test_transforms_end_at_uint8_without_normalising_or_erasing(root):
+def test_transforms_end_at_the_image_without_normalising_or_erasing(root):
     img = Image.new('RGB', (50, 40), (250, 3, 128))
     for train in (True, False):
         out = build_transform(train, _cfg(root, True, 'AUG.REPROB', '1.0', 'AUG.AUTO_AUGMENT', 'none',
                                           'AUG.COLOR_JITTER', '0.0', 'DATA.IMG_SIZE', '48'))(img)
-        assert out.dtype == torch.uint8 and out.shape == (3, 48, 48)
-        assert out.flatten(1).unique(dim=1).tolist() == [[250], [3], [128]]      # nothing erased
+        assert isinstance(out, Image.Image) and out.mode == 'RGB' and out.size == (48, 48)
+        assert np.unique(np.asarray(out).reshape(-1, 3), axis=0).tolist() == [[250, 3, 128]]   # nothing erased
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_collate_packs_images_into_one_nhwc_batch(workers):
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (6, 5, 3), dtype=np.uint8) for _ in range(4)]
+    samples = [(Image.fromarray(a), i) for i, a in enumerate(arrays)] + [BadSample('x.jpg', 'truncated')]
+    loader = SafeDataLoader(samples, batch_size=len(samples), num_workers=workers,
+                            collate_fn=SkipBadCollate(6, uint8=True))
+    (images, targets, n_skipped), = list(loader)
+    assert images.dtype == torch.uint8 and images.shape == (4, 6, 5, 3) and images.is_contiguous()
+    assert torch.equal(images, torch.from_numpy(np.stack(arrays))) and targets.tolist() == [0, 1, 2, 3]
+    assert n_skipped == 1
+    mean, std = torch.tensor([10.0, 20.0, 30.0]).view(1, 3, 1, 1), torch.tensor([2.0, 4.0, 8.0]).view(1, 3, 1, 1)
+    out = normalize_uint8(images, mean, std)
+    assert out.shape == (4, 3, 6, 5) and out.is_contiguous()
+    assert torch.equal(out, (images.permute(0, 3, 1, 2).float() - mean) / std)
+
+
+def test_collate_names_images_it_cannot_batch():
+    samples = [(Image.new('RGB', (4, 4)), 0), (Image.new('RGB', (5, 4)), 0)]
+    with pytest.raises(DataError, match=r'cannot batch a RGB 5x4 image with a RGB 4x4 one'):
+        SkipBadCollate(4, uint8=True)(samples)
 
 
 def test_eval_batches_equal_the_float_pipeline(root):
@@ -119,7 +144,7 @@ def test_wrapper_keeps_the_loader_interface(root):
     loader_train.sampler.set_epoch(1, start_batch=3)                 # resume inside an epoch
     batches = list(loader_train)
     assert len(batches) == 1 and isinstance(batches[0][2], int)
-    empty = DeviceNormalizeLoader([(torch.zeros(0, 3, 32, 32, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), 2)],
+    empty = DeviceNormalizeLoader([(torch.zeros(0, 32, 32, 3, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), 2)],
                                   re_prob=1.0)
     (x, y, n), = list(empty)
     assert x.shape == (0, 3, 32, 32) and x.dtype == torch.float32 and n == 2
@@ -131,3 +156,18 @@ def test_loader_throughput_reports_images_per_second_per_worker(root, device_nor
     assert result['pipeline'] == ('device_normalize' if device_normalize else 'float')
     assert result['batches'] == 2 and result['images_per_s'] > 0
     assert result['images_per_s_per_worker'] == result['images_per_s']     # 0 workers count as one
+
+
+def test_pipelines_compared_in_alternating_rounds(root):
+    seen = []
+    summary = compare_pipelines(_cfg(root, False), num_workers=0, batches=2, warmup=1, rounds=2, on_result=seen.append)
+    assert [(r['round'], r['pipeline']) for r in seen] == [
+        (1, 'float'), (1, 'device_normalize'), (2, 'device_normalize'), (2, 'float')]
+    floats = [r['images_per_s_per_worker'] for r in seen if r['pipeline'] == 'float']
+    assert summary['float_per_worker'] == sum(floats) / 2 and summary['images_timed'] == 16
+    assert summary['ratio'] == summary['device_normalize_per_worker'] / summary['float_per_worker']
+
+
+def test_throughput_command_refuses_zero_rounds(root, capsys):
+    assert throughput_main(['--cfg', 'configs/dat_tiny.yaml', '--data-path', root, '--rounds', '0']) == 2
+    assert '--rounds and --main-threads must be >= 1' in capsys.readouterr().err

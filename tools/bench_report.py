@@ -88,9 +88,13 @@ def format_table(rows: List[Row]) -> str:
 
 
 def format_loader(loader: dict) -> str:
-    """The loader's line under the table: its error, or images/s per worker."""
-    return 'loader: ' + (loader.get('error') or f"{_fmt(loader['img_s_per_worker'], '.1f')} img/s per worker "
-                                                 f"({loader['workers']} workers, {loader['images_timed']} images)")
+    """The loader's line under the table: its error, or images/s per worker of both pipelines."""
+    if loader.get('error'):
+        return 'loader: ' + loader['error']
+    return (f"loader: {_fmt(loader['float_img_s_per_worker'], '.1f')} img/s per worker float, "
+            f"{_fmt(loader['device_normalize_img_s_per_worker'], '.1f')} with DATA.DEVICE_NORMALIZE "
+            f"({_fmt(loader['ratio'], '.2f')}x; {loader['workers']} workers, {loader['images_timed']} images, "
+            f"median of {loader['rounds']} rounds)")
 
 
 def write_json(path: str, payload: dict) -> None:

@@ -97,25 +97,34 @@ def run_size(size: str, args: argparse.Namespace, device: torch.device, dtype: s
 # ----------------------------------------------------------------------------- data loader
 def measure_loader(args: argparse.Namespace) -> dict:
     """Training images per second per worker through ``data.build_loader`` (decode, RandAugment
-    and the rest of the training transform) on a generated demo ImageFolder: every batch of one
+    and the rest of the training transform) on a generated demo ImageFolder, for the float
+    pipeline and ``DATA.DEVICE_NORMALIZE`` in alternating rounds (medians): every batch of one
     epoch after the first (worker start-up), timed by ``data.throughput``."""
     from config import load_config
     from data.demo import make_demo_dataset
-    from data.throughput import loader_throughput
+    from data.throughput import compare_pipelines
     root = args.loader_data or os.path.join(tempfile.gettempdir(), f'dat_bench_demo_{args.loader_image_size}')
     per_class = max(1, -(-args.loader_images // 4))
     make_demo_dataset(root, classes=4, train_per_class=per_class, val_per_class=1, size=args.loader_image_size)
     opts = ['DATA.DATA_PATH', root, 'DATA.BATCH_SIZE', str(args.loader_batch_size),
             'DATA.NUM_WORKERS', str(args.loader_workers), 'MODEL.NUM_CLASSES', '4'] + list(args.loader_opts)
     config = load_config(str(REPO / DAT_CONFIGS['tiny']), opts=opts)
-    # As many batches as training images: more than one epoch holds, so the whole epoch is timed.
-    result = loader_throughput(config, config.DATA.DEVICE_NORMALIZE, args.loader_workers,
-                               batches=4 * per_class, warmup=0)
-    return dict(workers=args.loader_workers, batch_size=args.loader_batch_size,
-                images_timed=result['batches'] * result['batch_size'],
+    threads = torch.get_num_threads()
+    if args.device == 'cpu':
+        # The main process stands in for the device: one thread leaves the workers their cores.
+        torch.set_num_threads(1)
+    try:
+        # As many batches as training images: more than one epoch holds, so the whole epoch is timed.
+        result = compare_pipelines(config, args.loader_workers, batches=4 * per_class, warmup=0,
+                                   rounds=args.loader_rounds, device=args.device)
+    finally:
+        torch.set_num_threads(threads)
+    return dict(workers=args.loader_workers, batch_size=args.loader_batch_size, rounds=args.loader_rounds,
+                images_timed=result['images_timed'],
                 source_image_size=args.loader_image_size, img_size=int(config.DATA.IMG_SIZE),
-                img_s=result['images_per_s'], img_s_per_worker=result['images_per_s_per_worker'],
-                opts=list(args.loader_opts))
+                float_img_s_per_worker=result['float_per_worker'],
+                device_normalize_img_s_per_worker=result['device_normalize_per_worker'],
+                ratio=result['ratio'], opts=list(args.loader_opts))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -160,6 +169,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--loader-images', type=int, default=256, help='images in the generated demo folder')
     parser.add_argument('--loader-image-size', type=int, default=320, help='side of the generated JPEGs')
     parser.add_argument('--loader-batch-size', type=int, default=32)
+    parser.add_argument('--loader-rounds', type=int, default=3,
+                        help='alternating rounds of the float and device-normalised pipelines (medians)')
     parser.add_argument('--loader-data', default=None, help='folder for the demo dataset (default: a temp folder)')
     parser.add_argument('--loader-opts', nargs='+', default=[],
                         help="config overrides for the loader, e.g. a DATA option of the pipeline")
@@ -184,7 +195,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name in ('batch_size', 'warmup', 'rounds', 'steps_per_round'):
+    for name in ('batch_size', 'warmup', 'rounds', 'steps_per_round', 'loader_rounds'):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.variants and 'reference' not in args.variants:
