@@ -33,7 +33,7 @@ _C.DATA.IMG_SIZE = 224
 _C.DATA.INTERPOLATION = 'bicubic'
 _C.DATA.PIN_MEMORY = True
 _C.DATA.NUM_WORKERS = 8
-# Workers ship uint8 images; the loader normalises them (and applies random erasing) on the
+# Workers ship uint8 NHWC batches; the loader normalises them (and applies random erasing) on the
 # training device, as timm's prefetcher does. Same distribution as the float pipeline.
 _C.DATA.DEVICE_NORMALIZE = False
 
