@@ -61,6 +61,10 @@ class DeviceNormalizeLoader:
         return getattr(self.loader, name)
 
     def _prepare(self, images: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        channels = self.mean.shape[1]
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != channels:
+            raise ValueError(f'DeviceNormalizeLoader takes uint8 NHWC batches with {channels} channels (as '
+                             f'SkipBadCollate(uint8=True) packs them), got {images.dtype} {tuple(images.shape)}')
         images = images.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
         images = normalize_uint8(images, self.mean, self.std)

@@ -150,6 +150,13 @@ def test_wrapper_keeps_the_loader_interface(root):
     assert x.shape == (0, 3, 32, 32) and x.dtype == torch.float32 and n == 2
 
 
+@pytest.mark.parametrize('images', [torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(2, 32, 32, 3)])
+def test_wrapper_refuses_batches_it_would_misread(images):
+    loader = DeviceNormalizeLoader([(images, torch.zeros(2, dtype=torch.long), 0)])
+    with pytest.raises(ValueError, match='takes uint8 NHWC batches with 3 channels'):
+        list(loader)
+
+
 @pytest.mark.parametrize('device_normalize', [False, True])
 def test_loader_throughput_reports_images_per_second_per_worker(root, device_normalize):
     result = loader_throughput(_cfg(root, False), device_normalize, num_workers=0, batches=2, warmup=1)
