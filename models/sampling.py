@@ -58,8 +58,9 @@ def _backward(ctx, grad: Tensor):
 
 
 _grid_sample.register_autograd(_backward, setup_context=_setup_context)
-# As F.grid_sample under CPU autocast: float32 in, float32 out.
-torch.library.register_autocast(_grid_sample, 'cpu', torch.float32)
+if hasattr(torch.library, 'register_autocast'):     # not in every supported torch
+    # As F.grid_sample under CPU autocast: float32 in, float32 out.
+    torch.library.register_autocast(_grid_sample, 'cpu', torch.float32)
 
 
 def grid_sample_bilinear(input: Tensor, grid: Tensor, align_corners: bool = True) -> Tensor:

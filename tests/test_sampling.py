@@ -58,3 +58,11 @@ def test_eager_is_grid_sample_and_autocast_keeps_float32() -> None:
     assert out.dtype == eager.dtype == torch.float32
     assert torch.equal(out, eager)
     torch._dynamo.reset()
+
+
+def test_op_registration_passes_opcheck() -> None:
+    """Schema, fake (meta) kernel, autograd registration and AOT dispatch of the custom op."""
+    from models.sampling import _grid_sample
+    table, grid = _inputs()
+    for align_corners in (True, False):
+        torch.library.opcheck(_grid_sample, (table, grid, align_corners))
