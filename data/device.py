@@ -6,11 +6,11 @@ bytes. :class:`DeviceNormalizeLoader` wraps a loader of uint8 NHWC batches (the 
 ``build_transform(..., uint8=True)`` end at the image, and the collate writes each image once
 into the batch in its own channels-last layout) and yields the same ``(images, targets,
 n_skipped)`` 3-tuples as the float pipeline (float NCHW), with ``images`` and ``targets`` on
-``device``. The result has
-the distribution of the float pipeline: normalisation is the same affine map (equal to ~1e-7),
-and random erasing is timm's ``RandomErasing`` with the same arguments, applied per image after
-normalisation exactly as in the float pipeline (only its random draws come from the main
-process). Mixup stays where it is: the training loop applies it to the device batch.
+``device``. The result has the distribution of the float pipeline: normalisation is the same
+affine map (equal to ~1e-7), and random erasing is timm's ``RandomErasing`` with the same
+arguments, applied per image after normalisation exactly as in the float pipeline (only its
+random draws come from the main process). Mixup stays where it is: the training loop applies
+it to the device batch.
 
 On CUDA the next batch is copied and normalised on a side stream while the current one is
 used (timm's ``PrefetchLoader`` idea).

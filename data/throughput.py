@@ -73,26 +73,32 @@ def loader_throughput(config: Any, device_normalize: bool, num_workers: int, bat
 
 
 def compare_pipelines(config: Any, num_workers: int, batches: int = 30, warmup: int = 5, rounds: int = 3,
-                      device: Union[str, torch.device, None] = None, train: bool = True,
+                      device: Union[str, torch.device, None] = None, train: bool = True, main_threads: int = 1,
                       on_result: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Both pipelines, alternating for ``rounds`` rounds: the median images/s per worker of each,
-    ``ratio`` = device-normalised / float, and ``images_timed`` per measurement. ``on_result``
-    sees every single measurement."""
+    ``ratio`` = device-normalised / float, and ``images_timed`` per measurement. On a CPU the
+    main process, which does the device's work, runs with ``main_threads`` threads meanwhile, so
+    that it does not take the workers' cores. ``on_result`` sees every single measurement."""
     per_worker: Dict[str, List[float]] = {'float': [], 'device_normalize': []}
     result: Dict[str, Any] = {}
-    for r in range(rounds):
-        # Every other round starts with the other pipeline: neither always runs first.
-        order = (False, True) if r % 2 == 0 else (True, False)
-        for device_normalize in order:
-            result = loader_throughput(config, device_normalize, num_workers, batches, warmup, device, train)
-            result['round'] = r + 1
-            per_worker[result['pipeline']].append(result['images_per_s_per_worker'])
-            if on_result is not None:
-                on_result(result)
+    threads = torch.get_num_threads()
+    if torch.device(device if device is not None else 'cpu').type == 'cpu':
+        torch.set_num_threads(main_threads)
+    try:
+        for r in range(rounds):
+            # Every other round starts with the other pipeline: neither always runs first.
+            for device_normalize in ((False, True) if r % 2 == 0 else (True, False)):
+                result = loader_throughput(config, device_normalize, num_workers, batches, warmup, device, train)
+                result['round'] = r + 1
+                per_worker[result['pipeline']].append(result['images_per_s_per_worker'])
+                if on_result is not None:
+                    on_result(result)
+    finally:
+        torch.set_num_threads(threads)
     medians = {name: statistics.median(values) for name, values in per_worker.items()}
     return {'workers': int(num_workers), 'device': result['device'], 'batch_size': result['batch_size'],
-            'rounds': int(rounds), 'images_timed': result['batches'] * result['batch_size'], 'float_per_worker': medians['float'],
-            'device_normalize_per_worker': medians['device_normalize'],
+            'rounds': int(rounds), 'images_timed': result['batches'] * result['batch_size'],
+            'float_per_worker': medians['float'], 'device_normalize_per_worker': medians['device_normalize'],
             'ratio': medians['device_normalize'] / medians['float']}
 
 
@@ -118,11 +124,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.rounds < 1 or args.main_threads < 1:
             raise ValueError(f'--rounds and --main-threads must be >= 1, got {args.rounds} and {args.main_threads}')
         config = load_config(args.cfg, ['DATA.DATA_PATH', args.data_path, *args.opts])
-        if torch.device(args.device).type == 'cpu':
-            torch.set_num_threads(args.main_threads)
         for workers in args.workers:
             summary = compare_pipelines(config, workers, args.batches, args.warmup, args.rounds, args.device,
-                                        train=not args.val, on_result=lambda r: print(json.dumps(r), flush=True))
+                                        train=not args.val, main_threads=args.main_threads,
+                                        on_result=lambda r: print(json.dumps(r), flush=True))
             print(json.dumps({'summary': summary}), flush=True)
     except (ConfigError, DataError, ValueError) as e:
         print(f'error: {e}', file=sys.stderr)

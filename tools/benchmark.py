@@ -109,16 +109,9 @@ def measure_loader(args: argparse.Namespace) -> dict:
     opts = ['DATA.DATA_PATH', root, 'DATA.BATCH_SIZE', str(args.loader_batch_size),
             'DATA.NUM_WORKERS', str(args.loader_workers), 'MODEL.NUM_CLASSES', '4'] + list(args.loader_opts)
     config = load_config(str(REPO / DAT_CONFIGS['tiny']), opts=opts)
-    threads = torch.get_num_threads()
-    if args.device == 'cpu':
-        # The main process stands in for the device: one thread leaves the workers their cores.
-        torch.set_num_threads(1)
-    try:
-        # As many batches as training images: more than one epoch holds, so the whole epoch is timed.
-        result = compare_pipelines(config, args.loader_workers, batches=4 * per_class, warmup=0,
-                                   rounds=args.loader_rounds, device=args.device)
-    finally:
-        torch.set_num_threads(threads)
+    # As many batches as training images: more than one epoch holds, so the whole epoch is timed.
+    result = compare_pipelines(config, args.loader_workers, batches=4 * per_class, warmup=0,
+                               rounds=args.loader_rounds, device=args.device)
     return dict(workers=args.loader_workers, batch_size=args.loader_batch_size, rounds=args.loader_rounds,
                 images_timed=result['images_timed'],
                 source_image_size=args.loader_image_size, img_size=int(config.DATA.IMG_SIZE),
