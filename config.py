@@ -179,6 +179,9 @@ _C.TRAIN.LR_SCHEDULER = CN()
 _C.TRAIN.LR_SCHEDULER.NAME = 'cosine'
 _C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30
 _C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1
+# Groups with a lower lr (MODEL.DAT.lower_lr_kvs) warm up from WARMUP_LR and decay to MIN_LR as
+# the official code does; True scales both by the group's multiplier too.
+_C.TRAIN.LR_SCHEDULER.SCALE_WARMUP_MIN = False
 
 _C.TRAIN.OPTIMIZER = CN()
 _C.TRAIN.OPTIMIZER.NAME = 'adamw'

@@ -4,13 +4,16 @@ Call ``scheduler.step_update(num_updates)`` after every optimizer update, where
 ``num_updates = epoch * n_iter_per_epoch + iteration``. All schedules warm up linearly from
 ``TRAIN.WARMUP_LR`` to ``TRAIN.BASE_LR`` over ``TRAIN.WARMUP_EPOCHS`` and then decay.
 
-Groups keep their ``lr_scale`` (see ``optimizer.py``): the schedule is computed once for the
-base learning rate and timm's ``Scheduler.update_groups`` multiplies it by each group's
-``lr_scale``, so warm-up start, peak and floor are all scaled alike.
+Groups with an ``lr_scale`` (``lower_lr_kvs``, see ``optimizer.py``) are scheduled as the official
+code does: each group peaks at its own ``TRAIN.BASE_LR * lr_scale``, but warms up from the
+unscaled ``TRAIN.WARMUP_LR`` and the cosine decays to the unscaled ``TRAIN.MIN_LR`` (the linear
+schedule ends at ``MIN_LR / BASE_LR`` of each group's peak, as the official ends at 1% of it).
+``TRAIN.LR_SCHEDULER.SCALE_WARMUP_MIN True`` scales warm-up start and floor by ``lr_scale`` too
+(the groups' ratio then holds through the whole schedule).
 """
 from __future__ import annotations
 
-from typing import List, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from timm.scheduler.cosine_lr import CosineLRScheduler
@@ -20,12 +23,30 @@ from timm.scheduler.step_lr import StepLRScheduler
 __all__ = ['build_scheduler', 'LinearLRScheduler']
 
 
+class _PerGroupValues:
+    """Write the values a schedule computes from each group's own (scaled) ``initial_lr`` as they
+    are: timm's ``update_groups`` would multiply them by ``lr_scale`` a second time."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # timm's constructors set the first lr through their base class's update_groups.
+        self.update_groups(self.warmup_lr_init if self.warmup_t else self.base_values)
+
+    def update_groups(self, values) -> None:
+        groups = self.optimizer.param_groups
+        if not isinstance(values, (list, tuple)):
+            values = [values] * len(groups)
+        for group, value in zip(groups, values):
+            group[self.param_group_field] = value
+
+
 class LinearLRScheduler(Scheduler):
     """Linear warm-up for ``warmup_t`` steps, then linear decay to ``lr_min`` over ``t_initial``
     further steps; ``lr_min`` afterwards.
 
-    Ends at ``lr_min`` like the cosine schedule. (The official code decays to 1% of the base
-    learning rate; with the default ``MIN_LR = BASE_LR / 100`` the two agree.)
+    Ends at ``lr_min`` like the cosine schedule, times ``lr_min_scales[i]`` for group ``i`` when
+    given. (The official code decays each group to 1% of its own peak; with
+    ``MIN_LR = BASE_LR / 100`` and each group's ``lr_scale`` as its scale the two agree.)
     """
 
     def __init__(
@@ -41,6 +62,7 @@ class LinearLRScheduler(Scheduler):
             noise_std: float = 1.0,
             noise_seed: int = 42,
             initialize: bool = True,
+            lr_min_scales: Optional[List[float]] = None,
     ) -> None:
         super().__init__(
             optimizer, param_group_field='lr', t_in_epochs=t_in_epochs, noise_range_t=noise_range_t,
@@ -49,6 +71,7 @@ class LinearLRScheduler(Scheduler):
             raise ValueError(f"linear schedule needs a positive decay length, got {t_initial} steps")
         self.t_initial = t_initial
         self.lr_min = lr_min
+        self.lr_mins = [lr_min * k for k in lr_min_scales] if lr_min_scales else [lr_min] * len(self.base_values)
         self.warmup_t = warmup_t
         self.warmup_lr_init = warmup_lr_init
         if self.warmup_t:
@@ -61,17 +84,28 @@ class LinearLRScheduler(Scheduler):
         if t < self.warmup_t:
             return [self.warmup_lr_init + t * s for s in self.warmup_steps]
         progress = min((t - self.warmup_t) / self.t_initial, 1.0)
-        return [v + (self.lr_min - v) * progress for v in self.base_values]
+        return [v + (m - v) * progress for v, m in zip(self.base_values, self.lr_mins)]
 
 
-def _set_unscaled_initial_lr(optimizer: torch.optim.Optimizer) -> None:
-    """Record each group's *unscaled* base lr as ``initial_lr`` (what timm schedules from).
+class _OfficialCosine(_PerGroupValues, CosineLRScheduler):
+    pass
 
-    timm multiplies its result by ``lr_scale``; starting from ``lr`` (already scaled) would
-    apply the multiplier twice. ``setdefault`` keeps the value a previous scheduler recorded.
-    """
+
+class _OfficialLinear(_PerGroupValues, LinearLRScheduler):
+    pass
+
+
+class _OfficialStep(_PerGroupValues, StepLRScheduler):
+    pass
+
+
+def _set_initial_lr(optimizer: torch.optim.Optimizer, scaled: bool) -> None:
+    """Record what the schedules start from as each group's ``initial_lr``: its own (scaled) base
+    lr when the schedule writes per-group values, the unscaled one when timm multiplies by
+    ``lr_scale`` on every update (starting from the scaled lr would apply it twice).
+    ``setdefault`` keeps the value a previous scheduler recorded."""
     for group in optimizer.param_groups:
-        group.setdefault('initial_lr', group['lr'] / group.get('lr_scale', 1.0))
+        group.setdefault('initial_lr', group['lr'] if scaled else group['lr'] / group.get('lr_scale', 1.0))
 
 
 def build_scheduler(config, optimizer: torch.optim.Optimizer, n_iter_per_epoch: int) -> Scheduler:
@@ -87,22 +121,26 @@ def build_scheduler(config, optimizer: torch.optim.Optimizer, n_iter_per_epoch: 
         raise ValueError(
             f"TRAIN.EPOCHS ({train.EPOCHS}) must exceed TRAIN.WARMUP_EPOCHS ({train.WARMUP_EPOCHS}) "
             f"for the {name} schedule")
-    _set_unscaled_initial_lr(optimizer)
+    scale_all = bool(train.LR_SCHEDULER.SCALE_WARMUP_MIN)
+    _set_initial_lr(optimizer, scaled=not scale_all)
+    cosine, linear, step = ((CosineLRScheduler, LinearLRScheduler, StepLRScheduler) if scale_all
+                            else (_OfficialCosine, _OfficialLinear, _OfficialStep))
 
     # Warm-up and stepping are the same for every schedule: per optimizer step, from WARMUP_LR.
     warmup = dict(warmup_lr_init=float(train.WARMUP_LR), warmup_t=warmup_steps, t_in_epochs=False)
     if name == 'cosine':
         # As the official recipe: one cosine over all EPOCHS (warm-up included), so at the
         # end of warm-up the rate is already slightly below BASE_LR.
-        return CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=float(train.MIN_LR), cycle_limit=1,
-                                 **warmup)
+        return cosine(optimizer, t_initial=total_steps, lr_min=float(train.MIN_LR), cycle_limit=1, **warmup)
     if name == 'linear':
-        return LinearLRScheduler(optimizer, t_initial=decay_steps, lr_min=float(train.MIN_LR), **warmup)
+        scales = None if scale_all else [g.get('lr_scale', 1.0) for g in optimizer.param_groups]
+        return linear(optimizer, t_initial=decay_steps, lr_min=float(train.MIN_LR), lr_min_scales=scales,
+                      **warmup)
     if name == 'step':
         decay_t = int(train.LR_SCHEDULER.DECAY_EPOCHS * n_iter_per_epoch)
         if decay_t <= 0:
             raise ValueError(f"TRAIN.LR_SCHEDULER.DECAY_EPOCHS must be positive, got {train.LR_SCHEDULER.DECAY_EPOCHS}")
         # Decays at absolute multiples of DECAY_EPOCHS, as in the official code (timm < 0.9).
-        return StepLRScheduler(optimizer, decay_t=decay_t, decay_rate=float(train.LR_SCHEDULER.DECAY_RATE),
+        return step(optimizer, decay_t=decay_t, decay_rate=float(train.LR_SCHEDULER.DECAY_RATE),
                                warmup_prefix=False, **warmup)
     raise ValueError(f"TRAIN.LR_SCHEDULER.NAME is {train.LR_SCHEDULER.NAME!r}; expected 'cosine', 'linear' or 'step'")

@@ -5,8 +5,7 @@ model names through ``no_weight_decay()`` / ``no_weight_decay_keywords()``. A mo
 for a lower learning rate on parameters whose name contains one keyword (``lower_lr_kvs``).
 
 Every group carries ``lr_scale`` (its multiple of the base learning rate) and ``name``; the
-scheduler multiplies by ``lr_scale`` on every update, so the ratio holds through warm-up and
-decay. Groups also carry ``param_names`` so logs and checkpoints say what is in them.
+scheduler (``lr_scheduler.py``) peaks each group at ``BASE_LR * lr_scale``. Groups also carry ``param_names`` so logs and checkpoints say what is in them.
 """
 from __future__ import annotations
 

@@ -61,10 +61,38 @@ def test_cosine_warms_up_peaks_and_ends_at_min_lr():
 
 
 @pytest.mark.parametrize('name', ['cosine', 'linear', 'step'])
-def test_lower_lr_group_keeps_its_ratio_everywhere(name):
-    optimizer, scheduler = _setup(name)
+def test_scale_warmup_min_keeps_the_lower_groups_ratio_everywhere(name):
+    optimizer, scheduler = _setup(name, 'TRAIN.LR_SCHEDULER.SCALE_WARMUP_MIN', 'True')
+    assert _lrs(optimizer)[1] == pytest.approx(0.1 * _lrs(optimizer)[0], rel=1e-12)
     for full, lower in _trace(optimizer, scheduler, range(TOTAL + 3)):
         assert lower == pytest.approx(0.1 * full, rel=1e-12)
+
+
+def _official_lr(name: str, t: int, scale: float) -> float:
+    """The official schedule for a group whose lr is ``BASE * scale`` (timm's schedulers of the
+    official code, which know nothing of lr_scale): linear warm-up from the unscaled WARMUP_LR to
+    the group's own peak; then one cosine over all steps down to the unscaled MIN_LR, a linear
+    decay to 1% of the group's peak (MIN = BASE / 100 here), or steps of DECAY_RATE."""
+    peak = BASE * scale
+    if t < WARMUP_T:
+        return WARM + t * ((peak - WARM) / WARMUP_T)
+    if name == 'cosine':
+        return MIN + 0.5 * (peak - MIN) * (1 + math.cos(math.pi * t / TOTAL)) if t < TOTAL else MIN
+    if name == 'linear':
+        total = TOTAL - WARMUP_T
+        return peak - (peak - peak * 0.01) * min((t - WARMUP_T) / total, 1.0)
+    return peak * 0.1 ** (t // (3 * N_ITER))
+
+
+@pytest.mark.parametrize('name', ['cosine', 'linear', 'step'])
+def test_lower_lr_group_follows_the_official_schedule_in_float64(name):
+    assert MIN == BASE / 100
+    optimizer, scheduler = _setup(name, 'TRAIN.LR_SCHEDULER.DECAY_EPOCHS', '3')
+    # Before the first update every group starts at the unscaled WARMUP_LR, as the official's.
+    assert _lrs(optimizer) == (WARM, WARM)
+    for t, (full, lower) in zip(range(TOTAL + 3), _trace(optimizer, scheduler, range(TOTAL + 3))):
+        assert lower == pytest.approx(_official_lr(name, t, 0.1), rel=1e-15, abs=0), t
+        assert full == pytest.approx(_official_lr(name, t, 1.0), rel=1e-15, abs=0), t
 
 
 def test_linear_decays_in_equal_steps_to_min_lr():
@@ -118,7 +146,8 @@ def test_schedule_drives_a_real_optimizer_step():
     optimizer, scheduler = _setup('cosine', 'TRAIN.WEIGHT_DECAY', '0.0')
     params = {n: p for g in optimizer.param_groups for n, p in zip(g['param_names'], g['params'])}
     scheduler.step_update(WARMUP_T)
-    peak = _lrs(optimizer)[0]
+    peak, lower = _lrs(optimizer)
+    assert lower == _official_lr('cosine', WARMUP_T, 0.1)
     before = {n: p.detach().clone() for n, p in params.items()}
     for p in params.values():
         p.grad = torch.ones_like(p)
@@ -127,4 +156,4 @@ def test_schedule_drives_a_real_optimizer_step():
     moved_full = (before['proj_q.weight'] - params['proj_q.weight']).abs().mean().item()
     moved_lower = (before['proj_k.weight'] - params['proj_k.weight']).abs().mean().item()
     assert math.isclose(moved_full, peak, rel_tol=1e-3) and peak > 0.9 * BASE
-    assert math.isclose(moved_lower, 0.1 * peak, rel_tol=1e-3)
+    assert math.isclose(moved_lower, lower, rel_tol=1e-3)
