@@ -73,6 +73,18 @@ def build_criterion(config, mixup_fn) -> nn.Module:
     return nn.CrossEntropyLoss(label_smoothing=max(config.MODEL.LABEL_SMOOTHING, 0.0))
 
 
+def loss_input(outputs: torch.Tensor) -> torch.Tensor:
+    """The logits the loss is computed from: float16 / bfloat16 ones in float32 (as autocast runs
+    log-softmax), float32 and float64 ones as they are (a float64 run stays float64 throughout)."""
+    return outputs if outputs.dtype in (torch.float32, torch.float64) else outputs.float()
+
+
+def updates_per_epoch(n_iter: int, accum: int) -> int:
+    """Optimizer updates in an epoch of ``n_iter`` batches: one per ``accum`` batches, and one for a
+    shorter last window when ``n_iter`` is not a multiple of ``accum``."""
+    return -(-n_iter // accum)
+
+
 class Trainer:
     """Model, data, optimizer, schedule, EMA and checkpoints of one run (one rank of it)."""
 
@@ -125,8 +137,8 @@ class Trainer:
         self.n_iter = len(self.loader_train)
         try:    # their ValueErrors are one-line config problems (epochs vs warm-up, lower_lr_kvs, ...)
             self.optimizer = build_optimizer(config, self.model_without_ddp)
-            self.lr_scheduler = build_scheduler(config, self.optimizer,
-                                                self.n_iter // config.TRAIN.ACCUMULATION_STEPS)
+            self.lr_scheduler = build_scheduler(
+                config, self.optimizer, updates_per_epoch(self.n_iter, config.TRAIN.ACCUMULATION_STEPS))
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.loss_scaler = OptimizerStep(
@@ -261,13 +273,18 @@ class Trainer:
         self.pending_rng = rank_rng_state(ckpt, self.rank, self.world_size, self.logger)
         if not schedule_restored and (self.start_epoch or self.start_iter):
             # The config's new schedule takes effect from the first resumed step.
-            done = self.start_epoch * self.n_iter + self.start_iter
-            self.lr_scheduler.step_update(max(done - 1, 0) // self.config.TRAIN.ACCUMULATION_STEPS)
+            epoch, idx = divmod(self.start_epoch * self.n_iter + self.start_iter - 1, self.n_iter)
+            self.lr_scheduler.step_update(self._update_count(epoch, idx))
         self.logger.info("resumed: epoch %d, iteration %d, max accuracy %.2f%%",
                          self.start_epoch, self.start_iter, self.max_accuracy)
         return True
 
     # ------------------------------------------------------------------ training
+    def _update_count(self, epoch: int, idx: int) -> int:
+        """The schedule position after the window holding batch ``idx`` of ``epoch``: windows are
+        counted, so a shorter last window never carries the count past the schedule's end."""
+        accum = self.config.TRAIN.ACCUMULATION_STEPS
+        return epoch * updates_per_epoch(self.n_iter, accum) + idx // accum
 
     def autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp)
@@ -286,6 +303,8 @@ class Trainer:
         config, model, stats = self.config, self.model, self.stats
         accum = config.TRAIN.ACCUMULATION_STEPS
         num_steps = self.n_iter
+        # A shorter last window (num_steps not a multiple of accum) is averaged over its own batches.
+        tail_start = num_steps - num_steps % accum
         print_freq = max(config.PRINT_FREQ, 1)
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -319,18 +338,19 @@ class Trainer:
             with (nullcontext() if sync else model.no_sync()):
                 with self.autocast():
                     outputs = model(images)
-                loss = self.criterion(outputs.float(), targets)
+                loss = self.criterion(loss_input(outputs), targets)
                 # NaN makes every gradient non-finite on every rank (DDP averages them), so the
                 # step is skipped alike everywhere; a finite loss is multiplied by exactly 1.
                 keep = torch.where(window_dropped | ~torch.isfinite(loss.detach()), float('nan'), 1.0)
-                self.loss_scaler.backward(loss * keep / accum)
+                window = accum if idx < tail_start else num_steps - tail_start
+                self.loss_scaler.backward(loss * keep / window)
             if not boundary:
                 continue
 
             # ---- end of an accumulation window
             grad_norm, skipped = self.loss_scaler.step(model.parameters())
             self.optimizer.zero_grad(set_to_none=True)
-            self.lr_scheduler.step_update((epoch * num_steps + idx) // accum)
+            self.lr_scheduler.step_update(self._update_count(epoch, idx))
             stats.update(idx, loss, targets.size(0), grad_norm, skipped, window_dropped)
             if self.ema is not None:
                 ema_update(self.ema.module, self.model_without_ddp, self.ema.decay, ~skipped)
