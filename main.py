@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence, Tuple
 
 EXIT_USER_ERROR = 2      # config / data / checkpoint / launch problem, reported in one line
 EXIT_DIVERGED = 3        # the loss stayed non-finite for TRAIN.MAX_NONFINITE_STEPS steps
+EXIT_WORKER_DIED = 4     # a DataLoader worker died (e.g. the out-of-memory killer); resumable
 EXIT_INTERRUPTED = 130   # Ctrl-C (after saving when training had started)
 
 EXAMPLES = """examples:
@@ -25,7 +26,9 @@ EXAMPLES = """examples:
 Outputs go to <output>/<MODEL.NAME>/<tag>; running the same command again resumes there.
 exit status: 0 done, or stopped by SIGTERM/SIGUSR1 with the current step saved; 130 stopped by
 Ctrl-C with the current step saved; 2 a problem with the config, data, a checkpoint or the launch
-(one line on stderr); 3 the loss stayed non-finite (the last good checkpoint is kept)."""
+(one line on stderr); 3 the loss stayed non-finite (the last good checkpoint is kept); 4 a
+DataLoader worker died, e.g. killed by the out-of-memory killer (one line on stderr; run the same
+command again to resume from the last checkpoint)."""
 
 
 # ----------------------------------------------------------------------------- command line
@@ -160,7 +163,7 @@ def train(trainer) -> int:
         logger.info("parameter digest (rank %d): %s", trainer.rank, state_digest(trainer.model_without_ddp))
         return 0
     finally:
-        trainer.stop.uninstall()
+        trainer.stop.settle()       # stays installed: a later signal cannot change the exit code
         trainer.progress.close()
 
 
@@ -256,6 +259,15 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         code, message = EXIT_USER_ERROR, f"error: {one_line(e)}"
     except KeyboardInterrupt:
         code, message = EXIT_INTERRUPTED, "error: interrupted (nothing saved; checkpoints on disk are intact)"
+    except RuntimeError as e:
+        from preemption import worker_death
+        death = worker_death(e)
+        if death is None:
+            raise
+        code, message = EXIT_WORKER_DIED, f"error: {death}"
+    finally:
+        from preemption import end_loader_workers
+        end_loader_workers()
     print(message, file=sys.stderr)
     return _report(code, message)
 

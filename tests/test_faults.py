@@ -1,0 +1,96 @@
+"""Faults a user meets through the real entry points (``main.py``, ``train.sh``): a DataLoader
+worker killed, a second stop signal during shutdown, a training split that vanishes, class
+folders with names that are not UTF-8, a resolution change on resume, ``--eval`` of EMA
+weights, and raising ``TRAIN.EPOCHS`` on a finished run."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import (DEMO_CFG, MODEL_NAME, REPO, free_port, kill_group, load_ckpt, main_cmd, run_main,
+                      subprocess_env, tiny_args, wait_for)
+
+pytestmark = pytest.mark.slow       # starts real main.py / train.sh processes
+
+WORKERS = ('DATA.NUM_WORKERS', '2', 'DATA.PIN_MEMORY', 'False')
+
+
+def _start(cmd, cwd: Path, name: str, env=None) -> subprocess.Popen:
+    """Start ``cmd`` as the leader of a new process group, output to ``cwd/name.out|err``."""
+    out, err = open(cwd / f'{name}.out', 'w'), open(cwd / f'{name}.err', 'w')
+    return subprocess.Popen(cmd, cwd=REPO, env=env or subprocess_env(), stdout=out, stderr=err,
+                            start_new_session=True)
+
+
+def _children(pid: int):
+    try:
+        with open(f'/proc/{pid}/task/{pid}/children') as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def _log(out_dir: Path) -> str:
+    path = out_dir / 'log_rank0.txt'
+    return path.read_text(errors='replace') if path.exists() else ''
+
+
+def _copy_data(src: str, dst: Path) -> str:
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+# ----------------------------------------------------------------------------- a worker killed
+def test_a_killed_dataloader_worker_ends_the_run_in_one_line_and_it_resumes(tmp_path, tiny_data):
+    from main import EXIT_WORKER_DIED
+    args = tiny_args(tiny_data, *WORKERS)
+    proc = _start([sys.executable, *main_cmd(args, tmp_path, 'oom')], tmp_path, 'main')
+    out_dir = tmp_path / MODEL_NAME / 'oom'
+    try:
+        assert wait_for(lambda: 'Train: [1/' in _log(out_dir), timeout=240, proc=proc), \
+            f'training did not reach epoch 1 (exit {proc.poll()})'
+        workers = _children(proc.pid)
+        assert workers, 'no DataLoader worker found'
+        os.kill(workers[0], signal.SIGKILL)          # as the out-of-memory killer does
+        code = proc.wait(timeout=120)                 # before: hangs forever
+    finally:
+        kill_group(proc)
+    stderr = (tmp_path / 'main.err').read_text()
+    assert code == EXIT_WORKER_DIED, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith('error: a DataLoader worker') and 'SIGKILL' in last and 'DATA.NUM_WORKERS' in last, last
+    assert 'Traceback' not in stderr, stderr[-3000:]
+    assert not any(os.path.exists(f'/proc/{p}') and 'Z' not in open(f'/proc/{p}/stat').read().split()[2]
+                   for p in workers[1:]), 'a worker outlived the run'
+
+    run = run_main(args, tmp_path, tag='oom').check()
+    assert 'resuming from' in run.log()
+
+
+# ----------------------------------------------------------------------------- a second SIGTERM
+def test_sigterm_again_during_shutdown_keeps_exit_code_zero(tmp_path, tiny_data):
+    proc = _start([sys.executable, *main_cmd(tiny_args(tiny_data), tmp_path, 'twice')], tmp_path, 'main')
+    out_dir = tmp_path / MODEL_NAME / 'twice'
+    sent = 0
+    try:
+        assert wait_for(lambda: 'Train: [1/' in _log(out_dir), timeout=240, proc=proc)
+        proc.send_signal(signal.SIGTERM)
+        assert wait_for(lambda: 'stop requested' in _log(out_dir), timeout=120, proc=proc)
+        # Schedulers and impatient users send more: keep sending until the process has gone.
+        while proc.poll() is None and sent < 3000:
+            proc.send_signal(signal.SIGTERM)
+            sent += 1
+            time.sleep(0.01)
+        code = proc.wait(timeout=60)
+    finally:
+        kill_group(proc)
+    assert code == 0, (code, sent, (tmp_path / 'main.err').read_text()[-2000:])
+    assert sent > 10 and 'state saved' in _log(out_dir)
