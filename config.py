@@ -33,6 +33,9 @@ _C.DATA.IMG_SIZE = 224
 _C.DATA.INTERPOLATION = 'bicubic'
 _C.DATA.PIN_MEMORY = True
 _C.DATA.NUM_WORKERS = 8
+# Unreadable training images tolerated per epoch (skipped), as a fraction of the epoch: more
+# stop the run with an error naming the path (a split that stopped yielding images).
+_C.DATA.MAX_SKIPPED_FRACTION = 0.1
 # Workers ship uint8 NHWC batches; the loader normalises them (and applies random erasing) on the
 # training device, as timm's prefetcher does. Same distribution as the float pipeline.
 _C.DATA.DEVICE_NORMALIZE = False

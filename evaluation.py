@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from timm.utils import AverageMeter
 
 from data import DataError
+from data.skips import missing_ancestor
 from distributed import all_reduce
 
 __all__ = ['validate', 'throughput', 'memory_mb']
@@ -59,7 +60,13 @@ def validate(model: nn.Module, loader, device: torch.device, autocast: Callable[
                         f"Mem {memory_mb(device):.0f}MB")
     correct1, correct5, loss_sum, count, skipped = all_reduce(totals).tolist()
     if count == 0:
-        raise DataError("no readable validation images: every file in the val folder failed to load")
+        root = getattr(getattr(loader, 'dataset', None), 'root', None)
+        missing = missing_ancestor(root) if isinstance(root, str) else None
+        if missing is not None:
+            raise DataError(f"'{missing}' no longer exists (an unmounted share or a deleted folder?): no "
+                            f"validation image could be read; make it available again and run the same "
+                            f"command to resume from the last checkpoint")
+        raise DataError(f"no readable validation images: every file in {root or 'the val folder'} failed to load")
     result = {'acc1': 100.0 * correct1 / count, 'acc5': 100.0 * correct5 / count,
               'loss': loss_sum / count, 'count': int(count), 'skipped_images': int(skipped)}
     logger.info(f" * Acc@1 {result['acc1']:.3f} Acc@5 {result['acc5']:.3f} Loss {result['loss']:.4f} "

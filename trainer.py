@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from config import ConfigError
 from data import build_loader
+from data.skips import SkipGuard
 from distributed import agree, all_reduce
 from evaluation import validate
 from lr_scheduler import build_scheduler
@@ -135,6 +136,8 @@ class Trainer:
         if not with_data or config.EVAL_MODE:
             return
         self.n_iter = len(self.loader_train)
+        self.skip_guard = SkipGuard(getattr(self.dataset_train, 'root', os.path.join(config.DATA.DATA_PATH, 'train')),
+                                    self.n_iter * config.DATA.BATCH_SIZE, config.DATA.MAX_SKIPPED_FRACTION)
         try:    # their ValueErrors are one-line config problems (epochs vs warm-up, lower_lr_kvs, ...)
             self.optimizer = build_optimizer(config, self.model_without_ddp)
             self.lr_scheduler = build_scheduler(
@@ -312,6 +315,7 @@ class Trainer:
         self.progress.new_epoch()
         batch_time = AverageMeter()
         n_skipped_images = 0
+        self.skip_guard.new_epoch()
         no, yes = torch.zeros((), device=self.device), torch.ones((), device=self.device)
         window_dropped = no > 0
 
@@ -324,6 +328,7 @@ class Trainer:
         end = time.time()
         for idx, (images, targets, n_skipped) in enumerate(loader_iter, start=start_batch):
             n_skipped_images += int(n_skipped)
+            self.skip_guard.add(n_skipped, epoch, getattr(self.loader_train, 'last_skipped', None))
             boundary = (idx + 1) % accum == 0 or idx + 1 == num_steps
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)

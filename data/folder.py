@@ -285,6 +285,7 @@ class SafeDataLoader(DataLoader):
         super().__init__(*args, **kwargs)
         self.seed = seed
         self._iterations = 0
+        self.last_skipped: Optional[BadSample] = None     # the latest unreadable file, for messages
 
     def _reseed(self) -> None:
         if self.seed is None or self.generator is None:
@@ -299,6 +300,7 @@ class SafeDataLoader(DataLoader):
         for images, targets, n_skipped in super().__iter__():
             for bad in getattr(n_skipped, 'skipped', ()):
                 _logger.warning("skipped unreadable image %s (%s)", bad.path, bad.reason)
+                self.last_skipped = bad
             yield images, targets, int(n_skipped)
 
 

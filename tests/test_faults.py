@@ -94,3 +94,32 @@ def test_sigterm_again_during_shutdown_keeps_exit_code_zero(tmp_path, tiny_data)
         kill_group(proc)
     assert code == 0, (code, sent, (tmp_path / 'main.err').read_text()[-2000:])
     assert sent > 10 and 'state saved' in _log(out_dir)
+
+
+# ----------------------------------------------------------------------------- the data vanishes
+@pytest.mark.parametrize('vanish', ['train', 'root'])
+def test_data_vanishing_mid_run_is_an_error_naming_the_missing_path(tmp_path, tiny_data, vanish):
+    data = _copy_data(tiny_data, tmp_path / 'share')
+    gone = Path(data) / 'train' if vanish == 'train' else Path(data)
+    proc = _start([sys.executable, *main_cmd(tiny_args(data), tmp_path, 'gone')], tmp_path, 'main')
+    out_dir = tmp_path / MODEL_NAME / 'gone'
+    try:
+        assert wait_for(lambda: 'Train: [1/' in _log(out_dir), timeout=240, proc=proc)
+        gone.rename(gone.with_name(gone.name + '.unmounted'))      # val/ stays for vanish='train'
+        code = proc.wait(timeout=240)          # before: trains on nothing, loss 0.0000, exit 0
+    finally:
+        kill_group(proc)
+    stderr = (tmp_path / 'main.err').read_text()
+    assert code == 2, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: '{gone}' no longer exists") and 'DATA.MAX_SKIPPED_FRACTION' in last, last
+    assert 'Traceback' not in stderr
+    metrics = [line for line in (out_dir / 'metrics.jsonl').read_text().splitlines()] \
+        if (out_dir / 'metrics.jsonl').exists() else []
+    assert len(metrics) <= 1                  # epoch 0 only: nothing was recorded for the empty epoch
+
+
+def test_max_skipped_fraction_is_range_checked(tmp_path, tiny_data):
+    run = run_main(tiny_args(tiny_data, 'DATA.MAX_SKIPPED_FRACTION', '1.5'), tmp_path, tag='range')
+    assert run.returncode == 2
+    assert 'DATA.MAX_SKIPPED_FRACTION' in run.stderr.strip().splitlines()[-1] and '[0, 1]' in run.stderr
