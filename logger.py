@@ -8,12 +8,36 @@ from typing import Optional
 
 from termcolor import colored
 
-__all__ = ['create_logger']
+__all__ = ['create_logger', 'safe_text']
 
 _FILE_FORMAT = '[%(asctime)s %(name)s] (%(filename)s %(lineno)d): %(levelname)s %(message)s'
 _DATE_FORMAT = '%Y-%m-%d %H:%M:%S'
 # Marks the handlers this module attached, so a second call replaces them instead of doubling.
 _OWNED = '_dat_create_logger'
+
+
+def safe_text(text: str) -> str:
+    """``text`` with what cannot be written as UTF-8 escaped: file names that are not UTF-8 (Python
+    holds their bytes as lone surrogates) show those bytes as ``\\xe9``, so that they can be printed,
+    logged and written anywhere instead of raising UnicodeEncodeError."""
+    try:
+        text.encode('utf-8')
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
+    except UnicodeEncodeError:      # surrogates that are not escaped bytes
+        return text.encode('utf-8', 'backslashreplace').decode('utf-8')
+
+
+def _safe_record(record: logging.LogRecord) -> bool:
+    """Handler filter: the record's message made safe to write (see :func:`safe_text`)."""
+    message = record.getMessage()
+    safe = safe_text(message)
+    if safe is not message:
+        record.msg, record.args = safe, None
+    return True
 
 
 class _ColorFormatter(logging.Formatter):
@@ -53,11 +77,13 @@ def create_logger(output_dir: Optional[str], dist_rank: int = 0, name: str = '',
         console = logging.StreamHandler(sys.stdout)
         console.setFormatter(_ColorFormatter())
         console.addFilter(_console_wanted)
+        console.addFilter(_safe_record)
         handlers.append(console)
     if output_dir is not None:
         os.makedirs(output_dir, exist_ok=True)
         log_file = logging.FileHandler(os.path.join(output_dir, f'log_rank{dist_rank}.txt'), mode='a')
         log_file.setFormatter(logging.Formatter(_FILE_FORMAT, datefmt=_DATE_FORMAT))
+        log_file.addFilter(_safe_record)
         handlers.append(log_file)
 
     targets = [logger]

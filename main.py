@@ -223,7 +223,10 @@ def main(config, show_config: bool = False) -> int:
 
 
 def one_line(error: BaseException) -> str:
-    return ' '.join(str(error).split('\n')).strip() or type(error).__name__
+    """The error's message on one line, safe to print and write (file names that are not UTF-8
+    are shown with their bytes escaped)."""
+    from logger import safe_text
+    return safe_text(' '.join(str(error).split('\n')).strip() or type(error).__name__)
 
 
 def _report(code: int, message: str = '') -> int:
@@ -232,7 +235,8 @@ def _report(code: int, message: str = '') -> int:
     folder = os.environ.get('DAT_RESULT_DIR')
     if folder:
         try:
-            with open(os.path.join(folder, f"rank{os.environ.get('RANK', '0')}"), 'w') as f:
+            with open(os.path.join(folder, f"rank{os.environ.get('RANK', '0')}"), 'w', encoding='utf-8',
+                      errors='backslashreplace') as f:
                 f.write(f"{code}\n{message}\n")
         except OSError:
             pass

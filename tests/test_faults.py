@@ -123,3 +123,40 @@ def test_max_skipped_fraction_is_range_checked(tmp_path, tiny_data):
     run = run_main(tiny_args(tiny_data, 'DATA.MAX_SKIPPED_FRACTION', '1.5'), tmp_path, tag='range')
     assert run.returncode == 2
     assert 'DATA.MAX_SKIPPED_FRACTION' in run.stderr.strip().splitlines()[-1] and '[0, 1]' in run.stderr
+
+
+# ----------------------------------------------------------------------------- names not UTF-8
+LATIN1 = b'caf\xe9'           # 'café' in Latin-1, as old archives hold it
+
+
+def _latin1_data(tmp_path: Path, tiny_data: str, only_train: bool = False) -> str:
+    data = _copy_data(tiny_data, tmp_path / 'latin1')
+    first = sorted(os.listdir(Path(data) / 'train'))[0]
+    for split in ('train',) if only_train else ('train', 'val'):
+        os.rename(os.fsencode(Path(data) / split / first), os.fsencode(Path(data) / split) + b'/' + LATIN1)
+    if only_train:
+        return data
+    with open(os.fsencode(Path(data) / 'train') + b'/' + LATIN1 + b'/bad.jpg', 'wb') as f:
+        f.write(b'not an image')
+    return data
+
+
+def test_a_class_folder_name_that_is_not_utf8_is_logged_safely(tmp_path, tiny_data):
+    data = _latin1_data(tmp_path, tiny_data)
+    run = run_main(tiny_args(data, 'TRAIN.EPOCHS', '2'), tmp_path, tag='latin1')
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert 'Logging error' not in run.stdout + run.stderr, run.stderr[-3000:]
+    assert 'UnicodeEncodeError' not in run.stdout + run.stderr
+    assert 'skipped unreadable image' in run.log() and 'caf\\xe9/bad.jpg' in run.log()
+
+
+def test_train_sh_ends_with_the_one_line_error_naming_a_folder_that_is_not_utf8(tmp_path, tiny_data):
+    data = _latin1_data(tmp_path, tiny_data, only_train=True)
+    env = subprocess_env(PORT=str(free_port()), TORCHRUN=f'{sys.executable} -m torch.distributed.run')
+    cmd = ['bash', str(REPO / 'train.sh'), '1', DEMO_CFG, 'latin1', '--output', str(tmp_path), *tiny_args(data)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, timeout=300)
+    stderr = proc.stderr.decode('utf-8', 'replace')
+    assert proc.returncode == 2, stderr[-3000:]      # before: 'exit: : numeric argument required' (status 2 by accident)
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith('error: class folders differ') and 'caf\\xe9' in last, last
+    assert 'numeric argument required' not in stderr and 'Logging error' not in stderr

@@ -59,6 +59,7 @@ for rank in $(seq 0 $((NPROC - 1))); do
     file=$RESULTS/rank$rank
     [ -f "$file" ] || continue
     code=$(head -n 1 "$file")
+    case "$code" in ''|*[!0-9]*) continue ;; esac     # an unfinished or unreadable report
     case "$code:$pick_code" in
         0:) pick=$file pick_code=0 ;;
         130:|130:0) pick=$file pick_code=130 ;;
