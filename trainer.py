@@ -35,7 +35,8 @@ from progress import Progress
 from train_step import OptimizerStep, StepStats, autocast_settings, ema_update
 from checkpoint import (CheckpointError, CheckpointManager, check_model_config, choose_eval_file,
                         choose_resume_file, load_checkpoint_file, load_model_state, load_optimizer_state,
-                        model_config, rank_rng_state, restore_schedule, resume_position, unwrap_state_dict)
+                        model_config, rank_rng_state, restore_schedule, resume_position, saved_img_size,
+                        set_aside_best, unwrap_state_dict)
 from utils import get_rng_state, set_rng_state
 
 __all__ = ['Trainer', 'TrainingDiverged', 'ModelInputError']
@@ -269,6 +270,7 @@ class Trainer:
         if 'scaler' in ckpt:
             self.loss_scaler.load_state_dict(ckpt['scaler'])
         self.max_accuracy = float(ckpt.get('max_accuracy', 0.0))
+        self._resolution_change(saved_img_size(ckpt), path)
         self.start_epoch, self.start_iter, _ = resume_position(ckpt, self.n_iter, self._global_batch(), self.logger)
         if self.ema is not None and 'ema' in ckpt:
             load_model_state(self.ema.module, ckpt['ema'], strict=True, source=f"EMA weights of {path}")
@@ -281,6 +283,19 @@ class Trainer:
         self.logger.info("resumed: epoch %d, iteration %d, max accuracy %.2f%%",
                          self.start_epoch, self.start_iter, self.max_accuracy)
         return True
+
+    def _resolution_change(self, old: Optional[int], path: str) -> None:
+        """Resuming at another DATA.IMG_SIZE: say so; the best accuracy starts again at the new size
+        and the old size's best.pth is kept as best_<size>px.pth."""
+        new = self.config.DATA.IMG_SIZE
+        if old is None or old == new:
+            return
+        kept = self._on_rank0(lambda: set_aside_best(self.config.OUTPUT, old))
+        self.logger.warning(
+            "resuming at DATA.IMG_SIZE %d from %s, trained at %d: max accuracy starts again from 0 at the new "
+            "size (it was %.2f%%)%s", new, path, old, self.max_accuracy,
+            f" and the best checkpoint at {old} px is kept as {kept}" if kept else '')
+        self.max_accuracy = 0.0
 
     # ------------------------------------------------------------------ training
     def _update_count(self, epoch: int, idx: int) -> int:
@@ -422,8 +437,17 @@ class Trainer:
     def evaluate(self) -> int:
         """``--eval``: load MODEL.RESUME (ours or an official ``{'model': ...}`` file), validate."""
         path = choose_eval_file(self.config.OUTPUT, self.config.MODEL.RESUME, self.logger)
-        self.logger.info("evaluating %s", path)
-        self._load_weights(path)
+        ckpt = self._load_weights(path)
+        has_ema = isinstance(ckpt, dict) and isinstance(ckpt.get('ema'), dict)
+        if self.config.TEST.EMA:
+            if not has_ema:
+                raise CheckpointError(f"{path} holds no EMA weights (saved without TRAIN.EMA.ENABLE): evaluate "
+                                      f"its weights with --eval, without --eval-ema (TEST.EMA)")
+            load_model_state(self.model_without_ddp, ckpt['ema'], strict=True, source=f"EMA weights of {path}")
+            self.logger.info("evaluating %s: its EMA weights ('ema')", path)
+        else:
+            self.logger.info("evaluating %s: its weights ('model')%s", path,
+                             "; it also holds EMA weights ('ema'), which --eval-ema evaluates" if has_ema else '')
         result = self.validate()
         self.logger.info(f"Accuracy of the network on the {result['count']} test images: "
                          f"{result['acc1']:.2f}%")

@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import torch
 
 from .files import CheckpointError
-from .runs import CheckpointManager
+from .runs import BEST_NAME, CheckpointManager
 
 _VERSION_FLAGS = frozenset({'foreach', 'maximize', 'capturable', 'differentiable', 'fused',
                             'decoupled_weight_decay', 'initial_lr'})
@@ -138,3 +138,31 @@ def rank_rng_state(ckpt: dict, rank: int, world_size: int, logger: logging.Logge
     if rng is not None and world_size > 1:
         logger.warning("checkpoint saved with another world size: ranks share rank 0's RNG state")
     return rng
+
+
+def saved_img_size(ckpt: dict) -> Optional[int]:
+    """``DATA.IMG_SIZE`` the checkpoint was trained at (from its saved config), or None."""
+    config = ckpt.get('config')
+    if isinstance(config, str):
+        import yaml
+        try:
+            config = yaml.safe_load(config)
+        except yaml.YAMLError:
+            return None
+    size = config.get('DATA', {}).get('IMG_SIZE') if isinstance(config, dict) else None
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def set_aside_best(output_dir: str, old_size: int) -> Optional[str]:
+    """At a change of resolution, keep the old resolution's ``best.pth`` as ``best_<size>px.pth``
+    (accuracies at two sizes do not compare); returns the new name, None without a best.pth."""
+    best = os.path.join(output_dir, BEST_NAME)
+    if not os.path.isfile(best):
+        return None
+    kept = os.path.join(output_dir, f'best_{old_size}px.pth')
+    try:
+        os.replace(best, kept)
+    except OSError as e:
+        raise CheckpointError(f"cannot rename {best} to {kept} ({e.strerror or e}): check the output folder's "
+                              f"permissions") from None
+    return kept

@@ -160,3 +160,20 @@ def test_train_sh_ends_with_the_one_line_error_naming_a_folder_that_is_not_utf8(
     last = stderr.strip().splitlines()[-1]
     assert last.startswith('error: class folders differ') and 'caf\\xe9' in last, last
     assert 'numeric argument required' not in stderr and 'Logging error' not in stderr
+
+
+# ----------------------------------------------------------------------------- another resolution
+def test_resume_at_another_img_size_says_so_and_keeps_best_per_size(tmp_path, tiny_data):
+    first = run_main(tiny_args(tiny_data, 'TRAIN.EPOCHS', '2', 'TRAIN.WARMUP_EPOCHS', '0'), tmp_path, tag='res').check()
+    assert (first.output / 'best.pth').exists()
+    old_best = load_ckpt(first.output / 'best.pth')
+    run = run_main(tiny_args(tiny_data, 'TRAIN.EPOCHS', '3', 'TRAIN.WARMUP_EPOCHS', '0', 'DATA.IMG_SIZE', '96'),
+                   tmp_path, tag='res').check()
+    lines = [line for line in run.log().splitlines() if 'resuming at DATA.IMG_SIZE 96' in line]
+    assert len(lines) == 1 and 'trained at 64' in lines[0] and 'best_64px.pth' in lines[0], run.log()[-3000:]
+    kept = load_ckpt(first.output / 'best_64px.pth')
+    assert kept['epoch'] == old_best['epoch'] and kept['max_accuracy'] == old_best['max_accuracy']
+    # The epoch at 96 px is compared with nothing at 64 px: it is the new size's best.
+    last = run.metrics()[-1]
+    assert last['epoch'] == 2 and last['max_accuracy'] == last['val_acc1']
+    assert load_ckpt(first.output / 'best.pth')['epoch'] == 2
