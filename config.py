@@ -218,6 +218,8 @@ _C.TEST.CROP = True
 # with TEST.CROP) or 'shorter_side' (Swin: the shorter side is resized, aspect ratio kept; only
 # differs from 'square' with TEST.CROP).
 _C.TEST.RESIZE_MODE = 'square'
+# --eval of a checkpoint evaluates its EMA weights ('ema') instead of its weights ('model').
+_C.TEST.EMA = False
 
 # ----------------------------------------------------------------------------- misc
 _C.AMP = False
@@ -258,7 +260,7 @@ _FLAGS = (('batch_size', 'DATA.BATCH_SIZE'), ('data_path', 'DATA.DATA_PATH'), ('
           ('pretrained', 'MODEL.PRETRAINED'), ('amp_dtype', 'AMP_DTYPE'), ('print_freq', 'PRINT_FREQ'),
           ('output', 'OUTPUT'), ('tag', 'TAG'))
 _SWITCHES = (('amp', 'AMP'), ('use_checkpoint', 'TRAIN.USE_CHECKPOINT'), ('eval', 'EVAL_MODE'),
-             ('throughput', 'THROUGHPUT_MODE'))
+             ('throughput', 'THROUGHPUT_MODE'), ('eval_ema', 'TEST.EMA'), ('eval_ema', 'EVAL_MODE'))
 
 
 def update_config(config: CN, args: argparse.Namespace) -> None:

@@ -21,6 +21,7 @@ EXAMPLES = """examples:
   python main.py --cfg configs/demo.yaml --data-path demo_data --tag try1
   torchrun --nproc_per_node 8 main.py --cfg configs/dat_tiny.yaml --data-path /imagenet --amp --tag run1
   python main.py --cfg configs/dat_tiny.yaml --eval --resume dat_pp_t_in1k_224.pth --data-path /imagenet
+  python main.py --cfg configs/dat_tiny.yaml --eval-ema --resume output/dat_tiny/run1/best.pth --data-path /imagenet
   python main.py --cfg configs/dat_tiny.yaml --throughput --batch-size 64
 
 Outputs go to <output>/<MODEL.NAME>/<tag>; running the same command again resumes there.
@@ -53,6 +54,8 @@ def parse_option(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespa
                         help='root of output folders: <output>/<MODEL.NAME>/<tag>')
     parser.add_argument('--tag', type=str, help='experiment tag (default: TAG of the config)')
     parser.add_argument('--eval', action='store_true', help='evaluate a checkpoint only')
+    parser.add_argument('--eval-ema', action='store_true',
+                        help="evaluate the checkpoint's EMA weights (TEST.EMA; implies --eval)")
     parser.add_argument('--throughput', action='store_true', help='measure images/s only')
     parser.add_argument('--print-freq', type=int, help='log every N iterations')
     parser.add_argument('--show-config', action='store_true',
