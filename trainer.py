@@ -36,7 +36,7 @@ from train_step import OptimizerStep, StepStats, autocast_settings, ema_update
 from checkpoint import (CheckpointError, CheckpointManager, check_model_config, choose_eval_file,
                         choose_resume_file, load_checkpoint_file, load_model_state, load_optimizer_state,
                         model_config, rank_rng_state, restore_schedule, resume_position, saved_img_size,
-                        set_aside_best, unwrap_state_dict)
+                        schedule_changes, set_aside_best, unwrap_state_dict)
 from utils import get_rng_state, set_rng_state
 
 __all__ = ['Trainer', 'TrainingDiverged', 'ModelInputError']
@@ -266,7 +266,7 @@ class Trainer:
             self.logger.info("%s holds model weights only: starting from epoch %d", path, self.start_epoch)
             return True
         load_optimizer_state(ckpt, self.optimizer, path)
-        schedule_restored = restore_schedule(self.lr_scheduler, ckpt.get('lr_scheduler'), self.logger)
+        schedule_changed = restore_schedule(self.lr_scheduler, ckpt.get('lr_scheduler'))
         if 'scaler' in ckpt:
             self.loss_scaler.load_state_dict(ckpt['scaler'])
         self.max_accuracy = float(ckpt.get('max_accuracy', 0.0))
@@ -276,13 +276,27 @@ class Trainer:
             load_model_state(self.ema.module, ckpt['ema'], strict=True, source=f"EMA weights of {path}")
             self.ema_restored = True
         self.pending_rng = rank_rng_state(ckpt, self.rank, self.world_size, self.logger)
-        if not schedule_restored and (self.start_epoch or self.start_iter):
-            # The config's new schedule takes effect from the first resumed step.
-            epoch, idx = divmod(self.start_epoch * self.n_iter + self.start_iter - 1, self.n_iter)
-            self.lr_scheduler.step_update(self._update_count(epoch, idx))
+        if schedule_changed:
+            self._take_new_schedule(schedule_changes(ckpt, self.config) or schedule_changed)
         self.logger.info("resumed: epoch %d, iteration %d, max accuracy %.2f%%",
                          self.start_epoch, self.start_iter, self.max_accuracy)
         return True
+
+    def _take_new_schedule(self, changes: List[str]) -> None:
+        """The config changed the schedule: it takes effect from the first resumed step, in one
+        warning that says where the learning rate goes (raising TRAIN.EPOCHS on a finished run
+        puts it back up the new, longer cosine)."""
+        before = self.optimizer.param_groups[0]['lr']          # the checkpoint's (optimizer state)
+        if self.start_epoch or self.start_iter:
+            epoch, idx = divmod(self.start_epoch * self.n_iter + self.start_iter - 1, self.n_iter)
+            self.lr_scheduler.step_update(self._update_count(epoch, idx))
+        after = self.optimizer.param_groups[0]['lr']
+        self.logger.warning(
+            "the config's learning-rate schedule differs from the checkpoint's (%s): continuing on the config's "
+            "schedule, so at epoch %d iteration %d the learning rate goes from %.3g to %.3g%s", ', '.join(changes),
+            self.start_epoch, self.start_iter, before, after,
+            " (it rises again: the new schedule's value at this step, not a continuation of the old decay)"
+            if after > before * (1 + 1e-9) else '')
 
     def _resolution_change(self, old: Optional[int], path: str) -> None:
         """Resuming at another DATA.IMG_SIZE: say so; the best accuracy starts again at the new size

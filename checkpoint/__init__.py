@@ -15,7 +15,7 @@ from .files import (CheckpointCorrupt, CheckpointError, CheckpointUnreadable, Ou
                     strip_prefixes, unwrap_model, unwrap_state_dict)
 from .runs import BEST_NAME, LOCK_NAME, CheckpointManager, RunLock, find_resume, prepare_output_dir
 from .resume import (check_optimizer, choose_eval_file, choose_resume_file, load_optimizer_state, rank_rng_state,
-                     restore_schedule, resume_position, saved_img_size, set_aside_best)
+                     restore_schedule, resume_position, saved_img_size, schedule_changes, set_aside_best)
 from .weights import (_mismatch_message, check_model_config, check_tensors, load_model_state,  # noqa: F401
                       model_config, saved_model_config)
 
@@ -24,6 +24,6 @@ __all__ = [
     'atomic_save', 'load_checkpoint_file', 'unwrap_state_dict', 'strip_prefixes', 'unwrap_model',
     'load_model_state', 'check_tensors', 'model_config', 'saved_model_config', 'check_model_config',
     'choose_resume_file', 'choose_eval_file', 'check_optimizer', 'load_optimizer_state', 'restore_schedule',
-    'resume_position', 'rank_rng_state', 'saved_img_size', 'set_aside_best', 'CheckpointManager', 'find_resume', 'RunLock', 'prepare_output_dir',
+    'resume_position', 'rank_rng_state', 'saved_img_size', 'schedule_changes', 'set_aside_best', 'CheckpointManager', 'find_resume', 'RunLock', 'prepare_output_dir',
     'BEST_NAME', 'LOCK_NAME',
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -78,20 +78,42 @@ def load_optimizer_state(ckpt: dict, optimizer: torch.optim.Optimizer, source: s
                               f"--pretrained {source} with another --tag (or --output)") from None
 
 
-def restore_schedule(lr_scheduler, saved: Optional[dict], logger: logging.Logger) -> bool:
+def restore_schedule(lr_scheduler, saved: Optional[dict]) -> List[str]:
     """Restore the checkpoint's LR schedule ``saved`` when the config describes the same one; when
-    the config changed it (e.g. a lower TRAIN.BASE_LR after a divergence), keep the config's.
-    Returns whether the schedule in use is the checkpoint's (True without a saved one)."""
+    the config changed it (e.g. a lower TRAIN.BASE_LR after a divergence, more TRAIN.EPOCHS), keep
+    the config's. Returns the schedule fields that differ (empty: the checkpoint's is in use, also
+    when there is none)."""
     current = lr_scheduler.state_dict()
     if saved is None:
-        return True
+        return []
     if saved == current:
         lr_scheduler.load_state_dict(saved)
-        return True
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    logger.warning("the config's learning-rate schedule differs from the checkpoint's (%s): "
-                   "continuing with the config's", ', '.join(changed))
-    return False
+        return []
+    return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+
+
+_SCHEDULE_KEYS = ('EPOCHS', 'WARMUP_EPOCHS', 'BASE_LR', 'WARMUP_LR', 'MIN_LR', 'ACCUMULATION_STEPS')
+_SCHEDULER_KEYS = ('NAME', 'DECAY_EPOCHS', 'DECAY_RATE', 'SCALE_WARMUP_MIN')
+
+
+def schedule_changes(ckpt: dict, config) -> List[str]:
+    """``TRAIN.EPOCHS 2 -> 3``, ...: the schedule's config keys that differ from the checkpoint's
+    saved config (empty when it has none)."""
+    saved = ckpt.get('config')
+    if isinstance(saved, str):
+        import yaml
+        try:
+            saved = yaml.safe_load(saved)
+        except yaml.YAMLError:
+            return []
+    train = saved.get('TRAIN') if isinstance(saved, dict) else None
+    if not isinstance(train, dict):
+        return []
+    pairs = [(f'TRAIN.{k}', train.get(k), config.TRAIN.get(k)) for k in _SCHEDULE_KEYS]
+    scheduler = train.get('LR_SCHEDULER') if isinstance(train.get('LR_SCHEDULER'), dict) else {}
+    pairs += [(f'TRAIN.LR_SCHEDULER.{k}', scheduler.get(k), config.TRAIN.LR_SCHEDULER.get(k)) for k in _SCHEDULER_KEYS]
+    return [f'{key} {old:g} -> {new:g}' if isinstance(old, (int, float)) and isinstance(new, (int, float))
+            else f'{key} {old} -> {new}' for key, old, new in pairs if old is not None and old != new]
 
 
 def resume_position(ckpt: dict, iters_per_epoch: int, global_batch: int,

@@ -85,7 +85,7 @@ def pytest_configure(config) -> None:
 # tests that take longest start first, so that the short ones fill the gaps at the end.
 SPREAD = ('test_bad_input.py', 'test_checkpoint_safety.py', 'test_crash.py', 'test_resume.py',
           'test_preemption.py', 'test_observability.py', 'test_timm_type.py', 'test_startup_errors.py',
-          'test_benchmark.py')
+          'test_benchmark.py', 'test_faults.py')
 FIRST = ('test_train.py', 'test_crash.py', 'test_distributed.py', 'test_benchmark.py',
          'test_timm_type.py', 'test_debiformer.py', 'test_checkpoint_safety.py')
 

@@ -177,3 +177,44 @@ def test_resume_at_another_img_size_says_so_and_keeps_best_per_size(tmp_path, ti
     last = run.metrics()[-1]
     assert last['epoch'] == 2 and last['max_accuracy'] == last['val_acc1']
     assert load_ckpt(first.output / 'best.pth')['epoch'] == 2
+
+
+# ----------------------------------------------------------------------------- --eval and EMA weights
+def test_eval_says_which_weights_and_eval_ema_evaluates_the_ema_copy(tmp_path, tiny_data):
+    train = run_main(tiny_args(tiny_data, 'TRAIN.EPOCHS', '2', 'TRAIN.WARMUP_EPOCHS', '0',
+                               'TRAIN.EMA.ENABLE', 'True', 'TRAIN.EMA.DECAY', '0.9'), tmp_path, tag='ema').check()
+    ckpt = str(train.output / 'ckpt_epoch_1.pth')
+    logged_raw = train.accuracies()[-1]
+    logged_ema = float(re.findall(r'EMA accuracy: ([\d.]+)%', train.stdout)[-1])
+
+    raw = run_main(['--eval', '--resume', ckpt, *tiny_args(tiny_data)], tmp_path, tag='eval_raw').check()
+    assert f"evaluating {ckpt}: its weights ('model'); it also holds EMA weights ('ema'), which --eval-ema " \
+           f"evaluates" in raw.stdout, raw.stdout[-2000:]
+    assert raw.accuracies() == [logged_raw]
+
+    ema = run_main(['--eval-ema', '--resume', ckpt, *tiny_args(tiny_data)], tmp_path, tag='eval_ema').check()
+    assert f"evaluating {ckpt}: its EMA weights ('ema')" in ema.stdout, ema.stdout[-2000:]
+    assert ema.accuracies() == [pytest.approx(logged_ema, abs=0.006)]      # logged with 2 decimals
+
+    plain = run_main(tiny_args(tiny_data, 'TRAIN.EPOCHS', '2', 'TRAIN.WARMUP_EPOCHS', '0'), tmp_path, tag='plain').check()
+    none = run_main(['--eval-ema', '--resume', str(plain.output / 'ckpt_epoch_1.pth'), *tiny_args(tiny_data)],
+                    tmp_path, tag='eval_none')
+    assert none.returncode == 2
+    assert 'holds no EMA weights' in none.stderr.strip().splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------- more epochs after the end
+def test_raising_epochs_on_a_finished_run_warns_once_that_the_lr_rises(tmp_path, tiny_data):
+    run_main(tiny_args(tiny_data, 'TRAIN.EPOCHS', '2', 'TRAIN.WARMUP_EPOCHS', '0'), tmp_path, tag='more').check()
+    again = run_main(tiny_args(tiny_data, 'TRAIN.EPOCHS', '2', 'TRAIN.WARMUP_EPOCHS', '0'), tmp_path, tag='more').check()
+    assert 'training is already finished' in again.stdout
+    run = run_main(tiny_args(tiny_data, 'TRAIN.EPOCHS', '3', 'TRAIN.WARMUP_EPOCHS', '0'), tmp_path, tag='more').check()
+    warnings = [line for line in run.stdout.splitlines() if 'learning-rate schedule differs' in line]
+    assert len(warnings) == 1, run.stdout[-3000:]
+    assert 'TRAIN.EPOCHS 2 -> 3' in warnings[0] and 'at epoch 2 iteration 0' in warnings[0]
+    assert 'it rises again' in warnings[0]
+    before, after = (float(x) for x in re.search(r'goes from (\S+) to (\S+?) ', warnings[0]).groups())
+    assert before == pytest.approx(run.metrics()[1]['lr'], rel=1e-2) and after > 10 * before   # epoch 1's end
+    # Epoch 2 ran on the new, longer cosine: its first step at the new schedule's (higher) rate.
+    first_step = float(re.search(r'Train: \[2/3\]\[0/12\].*? lr (\S+)', run.stdout).group(1))
+    assert first_step == pytest.approx(after, abs=1e-5)          # logged with 6 decimals
