@@ -78,6 +78,19 @@ def load_optimizer_state(ckpt: dict, optimizer: torch.optim.Optimizer, source: s
                               f"--pretrained {source} with another --tag (or --output)") from None
 
 
+def _saved_config(ckpt: dict) -> dict:
+    """The config a checkpoint was trained with, as a dict: ours store it as YAML text, official
+    files as a (rebuilt) CfgNode; {} when there is none or it does not parse."""
+    saved = ckpt.get('config')
+    if isinstance(saved, str):
+        import yaml
+        try:
+            saved = yaml.safe_load(saved)
+        except yaml.YAMLError:
+            return {}
+    return saved if isinstance(saved, dict) else {}
+
+
 def restore_schedule(lr_scheduler, saved: Optional[dict]) -> List[str]:
     """Restore the checkpoint's LR schedule ``saved`` when the config describes the same one; when
     the config changed it (e.g. a lower TRAIN.BASE_LR after a divergence, more TRAIN.EPOCHS), keep
@@ -99,14 +112,8 @@ _SCHEDULER_KEYS = ('NAME', 'DECAY_EPOCHS', 'DECAY_RATE', 'SCALE_WARMUP_MIN')
 def schedule_changes(ckpt: dict, config) -> List[str]:
     """``TRAIN.EPOCHS 2 -> 3``, ...: the schedule's config keys that differ from the checkpoint's
     saved config (empty when it has none)."""
-    saved = ckpt.get('config')
-    if isinstance(saved, str):
-        import yaml
-        try:
-            saved = yaml.safe_load(saved)
-        except yaml.YAMLError:
-            return []
-    train = saved.get('TRAIN') if isinstance(saved, dict) else None
+    saved = _saved_config(ckpt)
+    train = saved.get('TRAIN')
     if not isinstance(train, dict):
         return []
     pairs = [(f'TRAIN.{k}', train.get(k), config.TRAIN.get(k)) for k in _SCHEDULE_KEYS]
@@ -164,14 +171,8 @@ def rank_rng_state(ckpt: dict, rank: int, world_size: int, logger: logging.Logge
 
 def saved_img_size(ckpt: dict) -> Optional[int]:
     """``DATA.IMG_SIZE`` the checkpoint was trained at (from its saved config), or None."""
-    config = ckpt.get('config')
-    if isinstance(config, str):
-        import yaml
-        try:
-            config = yaml.safe_load(config)
-        except yaml.YAMLError:
-            return None
-    size = config.get('DATA', {}).get('IMG_SIZE') if isinstance(config, dict) else None
+    data = _saved_config(ckpt).get('DATA')
+    size = data.get('IMG_SIZE') if isinstance(data, dict) else None
     return size if isinstance(size, int) and not isinstance(size, bool) else None
 
 
