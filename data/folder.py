@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -273,6 +275,24 @@ class SkipBadCollate:
         return images, torch.as_tensor(targets, dtype=torch.long), skipped
 
 
+def _dead_worker(iterator: Any, wait_s: float = 2.0) -> Optional[RuntimeError]:
+    """torch's own error for a worker of ``iterator`` that has died (waiting ``wait_s`` for its exit
+    to be seen), or None when all are alive."""
+    workers = getattr(iterator, '_workers', None) or []
+    deadline = time.monotonic() + wait_s
+    while True:
+        dead = [w for w in workers if w.exitcode not in (None, 0)]
+        if dead or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if not dead:
+        return None
+    code = dead[0].exitcode
+    if code < 0:
+        return RuntimeError(f"DataLoader worker (pid {dead[0].pid}) is killed by signal: {signal.strsignal(-code)}.")
+    return RuntimeError(f"DataLoader worker (pid(s) {', '.join(str(w.pid) for w in dead)}) exited unexpectedly")
+
+
 class SafeDataLoader(DataLoader):
     """``DataLoader`` yielding ``(images, targets, n_skipped: int)`` that logs skipped files.
 
@@ -297,7 +317,19 @@ class SafeDataLoader(DataLoader):
     def __iter__(self):  # type: ignore[override]
         self._reseed()
         self._iterations += 1
-        for images, targets, n_skipped in super().__iter__():
+        iterator = super().__iter__()
+        while True:
+            try:
+                images, targets, n_skipped = next(iterator)
+            except StopIteration:
+                return
+            except Exception:
+                # A worker killed while handing over a batch surfaces as whatever broke in the
+                # transfer (ConnectionResetError, EOFError, ...): report the death instead.
+                dead = _dead_worker(iterator)
+                if dead is None:
+                    raise
+                raise dead from None
             for bad in getattr(n_skipped, 'skipped', ()):
                 _logger.warning("skipped unreadable image %s (%s)", bad.path, bad.reason)
                 self.last_skipped = bad

@@ -85,3 +85,28 @@ def test_stop_signals_are_ignored_once_the_run_has_settled():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+class _Suicidal:
+    """A dataset whose worker is SIGKILLed (as by the out-of-memory killer) at item 5."""
+
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, index):
+        import torch
+        if index == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return torch.zeros(3), 0
+
+
+def test_a_killed_worker_is_reported_as_a_worker_death_by_the_loader():
+    import torch
+    from data.folder import SafeDataLoader
+    from preemption import worker_death
+    loader = SafeDataLoader(_Suicidal(), batch_size=2, num_workers=2,
+                            collate_fn=lambda b: (torch.stack([x for x, _ in b]), torch.zeros(len(b)), 0))
+    with pytest.raises(RuntimeError) as info:
+        for _ in loader:
+            pass
+    assert worker_death(info.value) is not None, info.value
