@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from typing import Any, Optional, Sequence, Tuple
 
 EXIT_USER_ERROR = 2      # config / data / checkpoint / launch problem, reported in one line
 EXIT_DIVERGED = 3        # the loss stayed non-finite for TRAIN.MAX_NONFINITE_STEPS steps
+EXIT_RANK_LOST = 5       # another rank died (killed, out of memory, node lost); rerun to resume
 EXIT_INTERRUPTED = 130   # Ctrl-C (after saving when training had started)
 
 EXAMPLES = """examples:
@@ -25,7 +27,9 @@ EXAMPLES = """examples:
 Outputs go to <output>/<MODEL.NAME>/<tag>; running the same command again resumes there.
 exit status: 0 done, or stopped by SIGTERM/SIGUSR1 with the current step saved; 130 stopped by
 Ctrl-C with the current step saved; 2 a problem with the config, data, a checkpoint or the launch
-(one line on stderr); 3 the loss stayed non-finite (the last good checkpoint is kept)."""
+(one line on stderr); 3 the loss stayed non-finite (the last good checkpoint is kept); 5 another
+rank died (killed, out of memory, its node lost): one line names it and the checkpoint a rerun
+resumes from."""
 
 
 # ----------------------------------------------------------------------------- command line
@@ -106,8 +110,11 @@ def train(trainer) -> int:
     from preemption import exit_code
     from utils import load_pretrained, set_rng_state, state_digest
 
+    from slurm_main import release_warning
+
     config, logger = trainer.config, trainer.logger
     trainer.stop.install()
+    release_warning()       # SLURM's time-limit warning, if it came during start-up
     try:
         if not trainer.resume() and config.MODEL.PRETRAINED:
             load_pretrained(config, trainer.model_without_ddp, logger)
@@ -176,13 +183,15 @@ def main(config, show_config: bool = False) -> int:
     from timm.utils import random_seed
 
     from checkpoint import RunLock, prepare_output_dir
-    from distributed import cleanup_distributed, init_distributed
+    from distributed import cleanup_distributed, init_distributed, is_collective_failure
     from evaluation import throughput
     from logger import create_logger
     from trainer import Trainer
     from utils import configure_determinism
 
     rank, world_size, _local_rank, device = init_distributed()
+    trainer = None
+    lost = False
     try:
         configure_determinism(config.DETERMINISTIC)
         random_seed(config.SEED, rank)
@@ -215,8 +224,37 @@ def main(config, show_config: bool = False) -> int:
         if config.EVAL_MODE:
             return trainer.evaluate()
         return train(trainer)
+    except RuntimeError as e:
+        if world_size == 1 or not is_collective_failure(e):
+            raise
+        lost = True     # the process group is broken: tearing it down could wait on the dead peer
+        from preemption import STOP_SIGNALS
+        for sig in STOP_SIGNALS:        # the launcher's stop signal follows: finish the report first
+            signal.signal(sig, signal.SIG_IGN)
+        raise rank_lost(rank, world_size, trainer) from None
     finally:
-        cleanup_distributed()
+        if not lost:
+            cleanup_distributed()
+
+
+def rank_lost(rank: int, world_size: int, trainer) -> 'RankLost':
+    """The one-line account of a collective that failed because another rank died."""
+    from distributed import RankLost, lost_ranks
+    lost = lost_ranks(rank, world_size)
+    if lost is None:        # the rendezvous store went with it: under SLURM it lives in rank 0
+        who, reporter = "rank 0 (which holds the rendezvous store)", 1
+    else:
+        lost = lost or ['?']
+        who = f"rank{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))}"
+        reporter = min(r for r in range(world_size) if r not in lost)
+    newest = trainer.manager.checkpoints()[-1][1] if trainer is not None and hasattr(trainer, 'manager') \
+        and trainer.manager.checkpoints() else None
+    resume = f"run the same command again to resume from {newest}" if newest else \
+        "no checkpoint was saved yet: run the same command again to start over"
+    error = RankLost(f"{who} of {world_size} died (killed, out of memory, or its node was lost) and the "
+                     f"other ranks stopped; {resume}")
+    error.report = rank == reporter      # one rank prints the line; every rank exits alike
+    return error
 
 
 def one_line(error: BaseException) -> str:
@@ -239,10 +277,12 @@ def _report(code: int, message: str = '') -> int:
 def run(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry: user errors become one line on stderr and exit status 2."""
     from config import ConfigError
+    from slurm_main import hold_warning
+    hold_warning()
     try:
         args, config = parse_option(argv)
         from data import DataError
-        from distributed import LaunchError
+        from distributed import LaunchError, RankLost
         from trainer import ModelInputError, TrainingDiverged
         from checkpoint import CheckpointError
         user_errors = (ConfigError, DataError, CheckpointError, ModelInputError, LaunchError)
@@ -252,6 +292,11 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
             code, message = EXIT_USER_ERROR, f"error: {one_line(e)}"
         except TrainingDiverged as e:
             code, message = EXIT_DIVERGED, f"error: {one_line(e)}"
+        except RankLost as e:
+            message = f"error: {one_line(e)}"
+            if getattr(e, 'report', True):
+                print(message, file=sys.stderr)
+            return _report(EXIT_RANK_LOST, message)
     except ConfigError as e:
         code, message = EXIT_USER_ERROR, f"error: {one_line(e)}"
     except KeyboardInterrupt:
