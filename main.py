@@ -110,7 +110,7 @@ def train(trainer) -> int:
     from preemption import exit_code
     from utils import load_pretrained, set_rng_state, state_digest
 
-    from slurm_main import release_warning
+    from slurm_main import release_warning, resume_hint
 
     config, logger = trainer.config, trainer.logger
     trainer.stop.install()
@@ -161,7 +161,7 @@ def train(trainer) -> int:
             if signum:
                 if not saved:
                     trainer.save(epoch)
-                logger.info("stop requested: epoch %d finished and saved; exiting", epoch)
+                logger.info("stop requested: epoch %d finished and saved; %s", epoch, resume_hint(int(signum)))
                 return exit_code(int(signum))
         logger.info("training time %s", _duration(time.time() - start_time))
         logger.info("parameter digest (rank %d): %s", trainer.rank, state_digest(trainer.model_without_ddp))
