@@ -125,15 +125,16 @@ class AgreementClock:
         self._since, self._from = time.monotonic(), step + 1
 
 
-# Messages of collectives whose peer went away (gloo; NCCL raises DistError subclasses).
+# Messages of collectives whose peer went away (gloo raises plain RuntimeErrors; a connection
+# lost by c10d itself is a DistNetworkError). main.py then asks the store which ranks are left.
 _PEER_GONE = ('Connection reset by peer', 'Connection closed by peer', 'Broken pipe', 'Connection refused',
-              'gloo/transport', 'NCCL communicator was aborted', 'ProcessGroupNCCL')
+              'gloo/transport')
 
 
 def is_collective_failure(error: BaseException) -> bool:
     """Whether ``error`` is a collective (or the rendezvous store) failing because a peer is gone."""
-    dist_error = getattr(dist, 'DistError', None)
-    if dist_error is not None and isinstance(error, dist_error):
+    network_error = getattr(dist, 'DistNetworkError', None)
+    if network_error is not None and isinstance(error, network_error):
         return True
     return isinstance(error, RuntimeError) and any(s in str(error) for s in _PEER_GONE)
 

@@ -231,20 +231,25 @@ def main(config, show_config: bool = False) -> int:
         from preemption import STOP_SIGNALS
         for sig in STOP_SIGNALS:        # the launcher's stop signal follows: finish the report first
             signal.signal(sig, signal.SIG_IGN)
-        raise rank_lost(rank, world_size, trainer) from None
+        error = rank_lost(rank, world_size, trainer)
+        if error is None:               # every rank is still there: some other collective error
+            raise
+        raise error from None
     finally:
         if not lost:
             cleanup_distributed()
 
 
-def rank_lost(rank: int, world_size: int, trainer) -> 'RankLost':
-    """The one-line account of a collective that failed because another rank died."""
+def rank_lost(rank: int, world_size: int, trainer) -> Optional['RankLost']:
+    """The one-line account of a collective that failed because another rank died (None when
+    every rank answers: then the collective failed for another reason)."""
     from distributed import RankLost, lost_ranks
     lost = lost_ranks(rank, world_size)
     if lost is None:        # the rendezvous store went with it: under SLURM it lives in rank 0
         who, reporter = "rank 0 (which holds the rendezvous store)", 1
+    elif not lost:
+        return None
     else:
-        lost = lost or ['?']
         who = f"rank{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))}"
         reporter = min(r for r in range(world_size) if r not in lost)
     newest = trainer.manager.checkpoints()[-1][1] if trainer is not None and hasattr(trainer, 'manager') \
