@@ -157,4 +157,6 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(run())
+    import slurm_main   # one copy of this module, whose held warning main.py releases
+    slurm_main.hold_warning()       # first: SLURM may warn while the task is still importing torch
+    sys.exit(slurm_main.run())

@@ -156,3 +156,29 @@ def test_collective_failures_are_told_apart_from_other_errors():
     assert is_collective_failure(gloo)
     assert not is_collective_failure(RuntimeError('CUDA out of memory'))
     assert not is_collective_failure(ValueError('Connection reset by peer'))
+
+
+@pytest.mark.slow
+def test_a_warning_while_the_task_starts_is_saved_at_the_first_step(tmp_path, tiny_data):
+    """SLURM's SIGUSR1 half a second after a task starts (still importing torch): not fatal; the
+    first step is saved and the task exits 0."""
+    import re
+    import sys
+    import time
+
+    from conftest import MODEL_NAME, free_port, subprocess_env, tiny_args
+    env = subprocess_env(SLURM_PROCID='0', SLURM_NTASKS='1', SLURM_NODELIST='localhost',
+                         MASTER_PORT=str(free_port()))
+    cmd = [sys.executable, 'slurm_main.py', '--cfg', DEMO_CFG, '--output', str(tmp_path), '--tag', 'early',
+           *tiny_args(tiny_data)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGUSR1)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    assert re.search(r'stop requested \(SIGUSR1\): saving epoch 0 iteration 1\b', out), out[-2000:]
+    assert (tmp_path / MODEL_NAME / 'early' / 'ckpt_epoch_0_iter_1.pth').is_file()
