@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ['LaunchError', 'RankLost', 'init_distributed', 'cleanup_distributed', 'is_dist', 'all_reduce', 'agree',
-           'AgreementClock', 'is_collective_failure', 'lost_ranks']
+           'AgreementClock', 'is_collective_failure', 'lost_ranks', 'rank_lost']
 
 
 class LaunchError(RuntimeError):
@@ -24,7 +24,12 @@ class LaunchError(RuntimeError):
 
 
 class RankLost(RuntimeError):
-    """Another rank of the run died (killed, out of memory, its node lost); the message is one line."""
+    """Another rank of the run died (killed, out of memory, its node lost); the message is one line.
+    ``report``: whether this rank prints it (one rank does; every rank exits alike)."""
+
+    def __init__(self, message: str, report: bool = True) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 def _env_int(name: str, default: Optional[int] = None) -> int:
@@ -168,3 +173,21 @@ def lost_ranks(rank: int, world_size: int, wait: float = 2.0) -> Optional[List[i
     thread.start()
     thread.join(wait + 1.0)
     return result[0]
+
+
+def rank_lost(rank: int, world_size: int, checkpoint: Optional[str]) -> Optional[RankLost]:
+    """The one-line account of a collective that failed because another rank died, naming it and
+    ``checkpoint`` (the newest on disk); None when every rank answers (then the collective failed
+    for another reason)."""
+    lost = lost_ranks(rank, world_size)
+    if lost is None:        # the rendezvous store went with it: under SLURM it lives in rank 0
+        who, reporter = "rank 0 (which holds the rendezvous store)", 1
+    elif not lost:
+        return None
+    else:
+        who = f"rank{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))}"
+        reporter = min(r for r in range(world_size) if r not in lost)
+    resume = (f"run the same command again to resume from {checkpoint}" if checkpoint else
+              "no checkpoint was saved yet: run the same command again to start over")
+    return RankLost(f"{who} of {world_size} died (killed, out of memory, or its node was lost) and the other "
+                    f"ranks stopped; {resume}", report=rank == reporter)

@@ -183,7 +183,7 @@ def main(config, show_config: bool = False) -> int:
     from timm.utils import random_seed
 
     from checkpoint import RunLock, prepare_output_dir
-    from distributed import cleanup_distributed, init_distributed, is_collective_failure
+    from distributed import cleanup_distributed, init_distributed, is_collective_failure, rank_lost
     from evaluation import throughput
     from logger import create_logger
     from trainer import Trainer
@@ -231,35 +231,14 @@ def main(config, show_config: bool = False) -> int:
         from preemption import STOP_SIGNALS
         for sig in STOP_SIGNALS:        # the launcher's stop signal follows: finish the report first
             signal.signal(sig, signal.SIG_IGN)
-        error = rank_lost(rank, world_size, trainer)
+        saved = trainer.manager.checkpoints() if trainer is not None and hasattr(trainer, 'manager') else []
+        error = rank_lost(rank, world_size, saved[-1][1] if saved else None)
         if error is None:               # every rank is still there: some other collective error
             raise
         raise error from None
     finally:
         if not lost:
             cleanup_distributed()
-
-
-def rank_lost(rank: int, world_size: int, trainer) -> Optional['RankLost']:
-    """The one-line account of a collective that failed because another rank died (None when
-    every rank answers: then the collective failed for another reason)."""
-    from distributed import RankLost, lost_ranks
-    lost = lost_ranks(rank, world_size)
-    if lost is None:        # the rendezvous store went with it: under SLURM it lives in rank 0
-        who, reporter = "rank 0 (which holds the rendezvous store)", 1
-    elif not lost:
-        return None
-    else:
-        who = f"rank{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))}"
-        reporter = min(r for r in range(world_size) if r not in lost)
-    newest = trainer.manager.checkpoints()[-1][1] if trainer is not None and hasattr(trainer, 'manager') \
-        and trainer.manager.checkpoints() else None
-    resume = f"run the same command again to resume from {newest}" if newest else \
-        "no checkpoint was saved yet: run the same command again to start over"
-    error = RankLost(f"{who} of {world_size} died (killed, out of memory, or its node was lost) and the "
-                     f"other ranks stopped; {resume}")
-    error.report = rank == reporter      # one rank prints the line; every rank exits alike
-    return error
 
 
 def one_line(error: BaseException) -> str:
@@ -299,7 +278,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
             code, message = EXIT_DIVERGED, f"error: {one_line(e)}"
         except RankLost as e:
             message = f"error: {one_line(e)}"
-            if getattr(e, 'report', True):
+            if e.report:
                 print(message, file=sys.stderr)
             return _report(EXIT_RANK_LOST, message)
     except ConfigError as e:

@@ -158,6 +158,20 @@ def test_collective_failures_are_told_apart_from_other_errors():
     assert not is_collective_failure(ValueError('Connection reset by peer'))
 
 
+def test_lost_rank_line_names_the_rank_and_the_checkpoint_and_one_rank_prints_it(monkeypatch):
+    import distributed
+    monkeypatch.setattr(distributed, 'lost_ranks', lambda rank, world: [2])
+    error = distributed.rank_lost(1, 4, '/out/ckpt_epoch_3_iter_40.pth')
+    assert str(error) == ('rank 2 of 4 died (killed, out of memory, or its node was lost) and the other ranks '
+                          'stopped; run the same command again to resume from /out/ckpt_epoch_3_iter_40.pth')
+    assert distributed.rank_lost(0, 4, None).report and not error.report      # rank 0 prints, rank 1 not
+    assert 'no checkpoint was saved yet' in str(distributed.rank_lost(0, 4, None))
+    monkeypatch.setattr(distributed, 'lost_ranks', lambda rank, world: None)   # the store went too
+    assert str(distributed.rank_lost(3, 4, None)).startswith('rank 0 (which holds the rendezvous store) of 4 died')
+    monkeypatch.setattr(distributed, 'lost_ranks', lambda rank, world: [])     # all there: not a lost rank
+    assert distributed.rank_lost(0, 4, None) is None
+
+
 @pytest.mark.slow
 def test_a_warning_while_the_task_starts_is_saved_at_the_first_step(tmp_path, tiny_data):
     """SLURM's SIGUSR1 half a second after a task starts (still importing torch): not fatal; the
