@@ -25,9 +25,10 @@ import pytest
 
 PACKAGES = ('slurmctld', 'slurmd', 'slurm-client', 'munge')
 DAEMONS = ('munged', 'slurmctld', 'slurmd', 'sinfo', 'srun', 'sbatch', 'scontrol', 'squeue', 'sacct')
-# Short enough that a job which ignores SIGTERM is killed quickly; the tests that need a stop to be
-# honoured before SIGKILL rely on it (100 slow steps take longer).
-KILL_WAIT = 8
+# Seconds between SLURM's SIGTERM and its SIGKILL (30 by default): the tests that need a stop to be
+# honoured before SIGKILL make 100 steps take longer. Not shorter: after saving, a task still needs
+# a few seconds to exit (interpreter shutdown, ~2 s alone, more on a loaded machine).
+KILL_WAIT = 20
 
 
 class ClusterError(RuntimeError):

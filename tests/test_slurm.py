@@ -26,7 +26,7 @@ from slurm_cluster import KILL_WAIT, slurm  # noqa: F401  (the session fixture)
 pytestmark = pytest.mark.slow
 
 SLOW_STEPS = str(Path(__file__).parent / 'slow_steps')
-STEP_SLEEP = 0.25           # 100 steps: 25 s, well past KILL_WAIT
+STEP_SLEEP = 0.3            # 100 steps: 30 s, well past KILL_WAIT (20 s)
 EPOCHS = 20                 # 6 optimizer steps per epoch per task (24 images, 2 tasks, batch 2)
 
 
@@ -102,7 +102,7 @@ def test_interactive_scancel_saves_within_seconds_and_rerun_resumes(slurm, tmp_p
     # Saved mid-epoch (not at a logging step), well before SLURM's SIGKILL; the tasks exited by themselves.
     saved = re.search(r'\[([\d-]+ [\d:]+) dat\] \(trainer.py \d+\): INFO state saved', logs[0]).group(1)
     took = time.mktime(time.strptime(saved, '%Y-%m-%d %H:%M:%S')) - sent
-    assert done % 100 != 0 and took < KILL_WAIT - 1, (took, stderr[-2000:])
+    assert done % 100 != 0 and took < 10, (took, stderr[-2000:])
     assert 'Killed' not in stderr and 'exit code' not in stderr, stderr[-2000:]
     assert 'AMP: false' in logs[0] and 'cpu' in logs[0]                    # no GPU asked for, no AMP
     assert f'SLURM job {job} is an interactive srun job, which SLURM cannot requeue' in logs[0]
@@ -205,4 +205,4 @@ def test_a_killed_task_stops_the_job_in_seconds_with_one_line(slurm, tmp_path, t
     assert 'died (killed, out of memory, or its node was lost)' in ours[0]
     assert re.search(r'resume from \S+ckpt_epoch_\d+(_iter_\d+)?\.pth', ours[0]), ours[0]
     assert 'Traceback' not in stderr and 'gloo' not in stderr and 'Connection reset' not in stderr, stderr
-    assert took < KILL_WAIT + 10, (took, stderr)
+    assert took < 20, (took, stderr)
