@@ -5,17 +5,31 @@ works unchanged, so one code path serves a laptop, ``torchrun`` and SLURM.
 """
 from __future__ import annotations
 
+import math
 import os
+import socket
+import threading
+import time
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-__all__ = ['LaunchError', 'init_distributed', 'cleanup_distributed', 'is_dist', 'all_reduce', 'agree']
+__all__ = ['LaunchError', 'RankLost', 'init_distributed', 'cleanup_distributed', 'is_dist', 'all_reduce', 'agree',
+           'AgreementClock', 'is_collective_failure', 'lost_ranks', 'rank_lost']
 
 
 class LaunchError(RuntimeError):
     """The process was started without a usable distributed environment (one line)."""
+
+
+class RankLost(RuntimeError):
+    """Another rank of the run died (killed, out of memory, its node lost); the message is one line.
+    ``report``: whether this rank prints it (one rank does; every rank exits alike)."""
+
+    def __init__(self, message: str, report: bool = True) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 def _env_int(name: str, default: Optional[int] = None) -> int:
@@ -83,3 +97,97 @@ def agree(values: Sequence[float], device: torch.device) -> List[float]:
     if not is_dist():
         return [float(v) for v in values]
     return all_reduce(torch.tensor(list(values), dtype=torch.float64, device=device), op='max').tolist()
+
+
+class AgreementClock:
+    """When the ranks next compare their stop requests: every ``interval`` seconds or so, at a step
+    fixed in advance, so that every rank enters the collective at the same step whatever its own
+    clock says. Each agreement also settles the next one: every rank proposes how many steps
+    fill ``interval`` at its own pace, and the smallest proposal (the slowest rank's) is used."""
+
+    def __init__(self, interval: float = 2.0) -> None:
+        self.interval = interval
+        self.next_step = 0
+        self._since = time.monotonic()
+        self._from = 0
+
+    def start(self, step: int) -> None:
+        """A new epoch (every rank alike): agree at its first step, then at the measured pace."""
+        self.next_step = step
+        self._since, self._from = time.monotonic(), step
+
+    def due(self, step: int) -> bool:
+        return step >= self.next_step
+
+    def proposal(self, step: int) -> int:
+        """Steps that take about ``interval`` seconds at this rank's pace since the last agreement."""
+        per_step = (time.monotonic() - self._since) / max(step + 1 - self._from, 1)
+        return int(min(max(math.floor(self.interval / max(per_step, 1e-6)), 1), 1_000_000))
+
+    def agreed(self, step: int, steps: float) -> None:
+        """All ranks agreed at ``step`` to compare again ``steps`` steps later."""
+        self.next_step = step + max(int(steps), 1)
+        self._since, self._from = time.monotonic(), step + 1
+
+
+# Messages of collectives whose peer went away (gloo raises plain RuntimeErrors; a connection
+# lost by c10d itself is a DistNetworkError). main.py then asks the store which ranks are left.
+_PEER_GONE = ('Connection reset by peer', 'Connection closed by peer', 'Broken pipe', 'Connection refused',
+              'gloo/transport')
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a collective (or the rendezvous store) failing because a peer is gone."""
+    network_error = getattr(dist, 'DistNetworkError', None)
+    if network_error is not None and isinstance(error, network_error):
+        return True
+    return isinstance(error, RuntimeError) and any(s in str(error) for s in _PEER_GONE)
+
+
+def lost_ranks(rank: int, world_size: int, wait: float = 2.0) -> Optional[List[int]]:
+    """After a failed collective: the ranks that do not check in with the rendezvous store within
+    ``wait`` seconds. None when the store cannot be reached either (it lives in rank 0's process
+    under SLURM and ``env://``, in torchrun's agent under torchrun)."""
+    result: List[Optional[List[int]]] = [None]
+
+    def check() -> None:
+        try:
+            # A plain connection first: c10d's own client prints a C++ stack trace when the store is gone.
+            socket.create_connection((os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT'])),
+                                     timeout=wait).close()
+            store = dist.distributed_c10d._get_default_store()
+            keys = [f'dat_alive_after_failure/{r}' for r in range(world_size)]
+            store.set(keys[rank], '1')
+            deadline = time.monotonic() + wait
+            while True:
+                present = [r for r in range(world_size) if store.check([keys[r]])]
+                if len(present) == world_size or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            result[0] = [r for r in range(world_size) if r not in present]
+        except Exception:       # the store is gone too (or this torch has no default store)
+            pass
+
+    # A store on a lost node may not answer at all: never wait longer than ``wait`` for it.
+    thread = threading.Thread(target=check, daemon=True)
+    thread.start()
+    thread.join(wait + 1.0)
+    return result[0]
+
+
+def rank_lost(rank: int, world_size: int, checkpoint: Optional[str]) -> Optional[RankLost]:
+    """The one-line account of a collective that failed because another rank died, naming it and
+    ``checkpoint`` (the newest on disk); None when every rank answers (then the collective failed
+    for another reason)."""
+    lost = lost_ranks(rank, world_size)
+    if lost is None:        # the rendezvous store went with it: under SLURM it lives in rank 0
+        who, reporter = "rank 0 (which holds the rendezvous store)", 1
+    elif not lost:
+        return None
+    else:
+        who = f"rank{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))}"
+        reporter = min(r for r in range(world_size) if r not in lost)
+    resume = (f"run the same command again to resume from {checkpoint}" if checkpoint else
+              "no checkpoint was saved yet: run the same command again to start over")
+    return RankLost(f"{who} of {world_size} died (killed, out of memory, or its node was lost) and the other "
+                    f"ranks stopped; {resume}", report=rank == reporter)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from typing import Any, Optional, Sequence, Tuple
@@ -15,6 +16,7 @@ from typing import Any, Optional, Sequence, Tuple
 EXIT_USER_ERROR = 2      # config / data / checkpoint / launch problem, reported in one line
 EXIT_DIVERGED = 3        # the loss stayed non-finite for TRAIN.MAX_NONFINITE_STEPS steps
 EXIT_WORKER_DIED = 4     # a DataLoader worker died (e.g. the out-of-memory killer); resumable
+EXIT_RANK_LOST = 5       # another rank died (killed, out of memory, node lost); rerun to resume
 EXIT_INTERRUPTED = 130   # Ctrl-C (after saving when training had started)
 
 EXAMPLES = """examples:
@@ -29,7 +31,9 @@ exit status: 0 done, or stopped by SIGTERM/SIGUSR1 with the current step saved; 
 Ctrl-C with the current step saved; 2 a problem with the config, data, a checkpoint or the launch
 (one line on stderr); 3 the loss stayed non-finite (the last good checkpoint is kept); 4 a
 DataLoader worker died, e.g. killed by the out-of-memory killer (one line on stderr; run the same
-command again to resume from the last checkpoint)."""
+command again to resume from the last checkpoint); 5 another
+rank died (killed, out of memory, its node lost): one line names it and the checkpoint a rerun
+resumes from."""
 
 
 # ----------------------------------------------------------------------------- command line
@@ -112,8 +116,11 @@ def train(trainer) -> int:
     from preemption import exit_code
     from utils import load_pretrained, set_rng_state, state_digest
 
+    from slurm_main import release_warning, resume_hint
+
     config, logger = trainer.config, trainer.logger
     trainer.stop.install()
+    release_warning()       # SLURM's time-limit warning, if it came during start-up
     try:
         if not trainer.resume() and config.MODEL.PRETRAINED:
             load_pretrained(config, trainer.model_without_ddp, logger)
@@ -160,7 +167,7 @@ def train(trainer) -> int:
             if signum:
                 if not saved:
                     trainer.save(epoch)
-                logger.info("stop requested: epoch %d finished and saved; exiting", epoch)
+                logger.info("stop requested: epoch %d finished and saved; %s", epoch, resume_hint(int(signum)))
                 return exit_code(int(signum))
         logger.info("training time %s", _duration(time.time() - start_time))
         logger.info("parameter digest (rank %d): %s", trainer.rank, state_digest(trainer.model_without_ddp))
@@ -182,13 +189,15 @@ def main(config, show_config: bool = False) -> int:
     from timm.utils import random_seed
 
     from checkpoint import RunLock, prepare_output_dir
-    from distributed import cleanup_distributed, init_distributed
+    from distributed import cleanup_distributed, init_distributed, is_collective_failure, rank_lost
     from evaluation import throughput
     from logger import create_logger
     from trainer import Trainer
     from utils import configure_determinism
 
     rank, world_size, _local_rank, device = init_distributed()
+    trainer = None
+    lost = False
     try:
         configure_determinism(config.DETERMINISTIC)
         random_seed(config.SEED, rank)
@@ -221,8 +230,21 @@ def main(config, show_config: bool = False) -> int:
         if config.EVAL_MODE:
             return trainer.evaluate()
         return train(trainer)
+    except RuntimeError as e:
+        if world_size == 1 or not is_collective_failure(e):
+            raise
+        lost = True     # the process group is broken: tearing it down could wait on the dead peer
+        from preemption import STOP_SIGNALS
+        for sig in STOP_SIGNALS:        # the launcher's stop signal follows: finish the report first
+            signal.signal(sig, signal.SIG_IGN)
+        saved = trainer.manager.checkpoints() if trainer is not None and hasattr(trainer, 'manager') else []
+        error = rank_lost(rank, world_size, saved[-1][1] if saved else None)
+        if error is None:               # every rank is still there: some other collective error
+            raise
+        raise error from None
     finally:
-        cleanup_distributed()
+        if not lost:
+            cleanup_distributed()
 
 
 def one_line(error: BaseException) -> str:
@@ -249,10 +271,12 @@ def _report(code: int, message: str = '') -> int:
 def run(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry: user errors become one line on stderr and exit status 2."""
     from config import ConfigError
+    from slurm_main import hold_warning
+    hold_warning()
     try:
         args, config = parse_option(argv)
         from data import DataError
-        from distributed import LaunchError
+        from distributed import LaunchError, RankLost
         from trainer import ModelInputError, TrainingDiverged
         from checkpoint import CheckpointError
         user_errors = (ConfigError, DataError, CheckpointError, ModelInputError, LaunchError)
@@ -262,6 +286,11 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
             code, message = EXIT_USER_ERROR, f"error: {one_line(e)}"
         except TrainingDiverged as e:
             code, message = EXIT_DIVERGED, f"error: {one_line(e)}"
+        except RankLost as e:
+            message = f"error: {one_line(e)}"
+            if e.report:
+                print(message, file=sys.stderr)
+            return _report(EXIT_RANK_LOST, message)
     except ConfigError as e:
         code, message = EXIT_USER_ERROR, f"error: {one_line(e)}"
     except KeyboardInterrupt:

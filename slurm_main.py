@@ -5,12 +5,15 @@
 SLURM describes the task (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``,
 ``SLURM_NODELIST``); torch.distributed wants ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR`` and ``MASTER_PORT``. This file only translates one into the other and then
-runs ``main`` unchanged, with the same command-line arguments.
+runs ``main`` unchanged, with the same command-line arguments. It also says what a stopped
+run's checkpoint is good for in the mode the task runs in (:func:`resume_hint`), and keeps
+SLURM's time-limit warning (SIGUSR1) that arrives during start-up until training can act on it.
 """
 from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from typing import Callable, List, Mapping, Optional, Sequence
@@ -106,6 +109,42 @@ def slurm_env_to_torch(env: Mapping[str, str],
             'MASTER_ADDR': addr, 'MASTER_PORT': str(port)}
 
 
+def resume_hint(signum: Optional[int] = None, env: Mapping[str, str] = os.environ) -> str:
+    """What resumes a run whose state was just saved, true for the way this process was started:
+    outside SLURM, in an interactive ``srun`` job (which SLURM cannot requeue), or in a batch job."""
+    job = env.get('SLURM_JOB_ID')
+    if not job:
+        return "run the same command again to resume"
+    if env.get('ENVIRONMENT') != 'BATCH':
+        return (f"run the same command again to resume (SLURM job {job} is an interactive srun job, which "
+                f"SLURM cannot requeue; 'train_slurm.sh --batch' submits a requeueable one)")
+    if env.get('DAT_SLURM_REQUEUE_ON_WARNING') and signum == signal.SIGUSR1:
+        return (f"batch job {job} resumes from it when requeued: its batch script requeues it after the "
+                f"time-limit warning, and 'scontrol requeue {job}' does so by hand")
+    return f"batch job {job} resumes from it when requeued ('scontrol requeue {job}'), as does submitting it again"
+
+
+_held: List[int] = []
+
+
+def _hold(signum: int, frame) -> None:
+    _held.append(signum)
+
+
+def hold_warning() -> None:
+    """Until training starts, keep SLURM's time-limit warning (SIGUSR1, which would otherwise end
+    the process) instead of dying of it; :func:`release_warning` delivers it."""
+    if hasattr(signal, 'SIGUSR1') and signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL:
+        signal.signal(signal.SIGUSR1, _hold)
+
+
+def release_warning() -> None:
+    """Deliver a warning held since start-up to the handler installed now (the training loop's)."""
+    if _held and hasattr(signal, 'SIGUSR1'):
+        _held.clear()
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+
 def run(argv: Optional[Sequence[str]] = None) -> int:
     """Set the torch.distributed environment from SLURM's, then run ``main`` with ``argv``."""
     try:
@@ -118,4 +157,6 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(run())
+    import slurm_main   # one copy of this module, whose held warning main.py releases
+    slurm_main.hold_warning()       # first: SLURM may warn while the task is still importing torch
+    sys.exit(slurm_main.run())

@@ -4,7 +4,10 @@ resume, evaluate.
 :meth:`Trainer.train_one_epoch` runs without per-step host syncs: steps that are not finite are
 skipped on the device (see ``train_step.py``), and statistics, the stop request and the
 divergence check are read every ``PRINT_FREQ`` steps (every step a stop signal is pending in a
-single process), at the end of the epoch and before a mid-epoch checkpoint.
+single process), at the end of the epoch and before a mid-epoch checkpoint. With several
+processes the ranks also compare stop requests every couple of seconds, at steps they agree on
+in advance (``distributed.AgreementClock``), so that a stop is honoured within seconds whatever
+``PRINT_FREQ``.
 """
 from __future__ import annotations
 
@@ -25,13 +28,14 @@ from torch.nn.parallel import DistributedDataParallel
 from config import ConfigError
 from data import build_loader
 from data.skips import SkipGuard
-from distributed import agree, all_reduce
+from distributed import AgreementClock, agree, all_reduce
 from evaluation import validate
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
 from preemption import StopRequest, ignore_stop_signals
 from progress import Progress
+from slurm_main import resume_hint
 from train_step import OptimizerStep, StepStats, autocast_settings, ema_update
 from checkpoint import (CheckpointError, CheckpointManager, check_model_config, choose_eval_file,
                         choose_resume_file, load_checkpoint_file, load_model_state, load_optimizer_state,
@@ -107,6 +111,7 @@ class Trainer:
         self.ema = None
         self.ema_restored = False
         self.stop_signum = 0            # the stop signal agreed by all ranks
+        self.clock = AgreementClock()   # when the ranks next compare stop requests
         self.progress: Optional[Progress] = None
         self.epoch_summary: dict = {}
 
@@ -355,6 +360,7 @@ class Trainer:
             set_rng_state(self.pending_rng)
             self.pending_rng = None
         end = time.time()
+        self.clock.start(start_batch)
         for idx, (images, targets, n_skipped) in enumerate(loader_iter, start=start_batch):
             n_skipped_images += int(n_skipped)
             self.skip_guard.add(n_skipped, epoch, getattr(self.loader_train, 'last_skipped', None))
@@ -395,18 +401,24 @@ class Trainer:
             done = idx + 1
             freq = config.TRAIN.SAVE_ITER_FREQ
             save_now = freq > 0 and done % freq == 0 and done < num_steps
-            if not (idx % print_freq == 0 or done == num_steps or save_now
+            log_now = idx % print_freq == 0 or done == num_steps or save_now
+            # Every rank takes the same branch at the same step: the clock's next step is agreed.
+            if not (log_now or (self.world_size > 1 and self.clock.due(idx))
                     or (self.world_size == 1 and self.stop.requested)):
                 continue
-            values = stats.read()
+            values = stats.read() if log_now else {'max_streak': 0}
             # Ranks decide alike: a rank's signal stops all; the streak can differ by rank only
-            # when fp16 overflow hides another rank's non-finite loss.
-            stop_signum, streak = agree([self.stop.signum or 0, values['max_streak']], self.device)
-            self.progress.skipped(epoch, values)
-            if streak >= max(config.TRAIN.MAX_NONFINITE_STEPS, 1):
-                self._diverged(epoch, idx, int(streak))
-            self.progress.step(epoch, idx, num_steps, values, batch_time, targets.size(0), self.optimizer,
-                               self.loss_scaler.loss_scale())
+            # when fp16 overflow hides another rank's non-finite loss. The maximum of the negated
+            # proposals is the smallest proposal: the slowest rank's pace sets the next agreement.
+            stop_signum, streak, later = agree([self.stop.signum or 0, values['max_streak'],
+                                                -self.clock.proposal(idx)], self.device)
+            self.clock.agreed(idx, -later)
+            if log_now:
+                self.progress.skipped(epoch, values)
+                if streak >= max(config.TRAIN.MAX_NONFINITE_STEPS, 1):
+                    self._diverged(epoch, idx, int(streak))
+                self.progress.step(epoch, idx, num_steps, values, batch_time, targets.size(0), self.optimizer,
+                                   self.loss_scaler.loss_scale())
             if stop_signum:
                 self.stop_signum = int(stop_signum)
                 self._preempted(epoch, done)
@@ -436,12 +448,7 @@ class Trainer:
     def _preempted(self, epoch: int, done: int) -> None:
         self.logger.info("stop requested (%s): saving epoch %d iteration %d", self.stop.name, epoch, done)
         self.save(epoch, done)
-        job = os.environ.get('SLURM_JOB_ID')
-        if job:
-            self.logger.info("state saved; SLURM job %s can be requeued (scontrol requeue %s) and will "
-                             "resume from it", job, job)
-        else:
-            self.logger.info("state saved; run the same command again to resume")
+        self.logger.info("state saved; %s", resume_hint(self.stop_signum))
 
     # ------------------------------------------------------------------ evaluation
     def validate(self, model: Optional[nn.Module] = None) -> dict:

@@ -86,7 +86,7 @@ def pytest_configure(config) -> None:
 SPREAD = ('test_bad_input.py', 'test_checkpoint_safety.py', 'test_crash.py', 'test_resume.py',
           'test_preemption.py', 'test_observability.py', 'test_timm_type.py', 'test_startup_errors.py',
           'test_benchmark.py', 'test_faults.py')
-FIRST = ('test_train.py', 'test_crash.py', 'test_distributed.py', 'test_benchmark.py',
+FIRST = ('test_slurm.py', 'test_train.py', 'test_crash.py', 'test_distributed.py', 'test_benchmark.py',
          'test_timm_type.py', 'test_debiformer.py', 'test_checkpoint_safety.py')
 
 
@@ -99,6 +99,8 @@ def pytest_xdist_make_scheduler(config, log):
     class ByModule(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split('::', 1)[0]
+            if Path(module).name.startswith('test_slurm'):
+                return 'slurm'          # one worker: one test SLURM (slurm_cluster.py) per session
             return nodeid if Path(module).name in SPREAD else module
 
     config.option.loadscopereorder = False          # keep the order of the collection below
