@@ -28,6 +28,7 @@ from distributed import agree, all_reduce
 from evaluation import validate
 from lr_scheduler import build_scheduler
 from models import build_model
+from models.kernel_check import KernelCheckError, check_model_kernels
 from optimizer import build_optimizer
 from preemption import StopRequest, ignore_stop_signals
 from progress import Progress
@@ -109,6 +110,7 @@ class Trainer:
 
         logger.info("creating model %s/%s", config.MODEL.TYPE, config.MODEL.NAME)
         self.model_without_ddp = build_checked_model(config, self.device)
+        self.kernel_check = self._check_kernels()
         n_parameters = sum(p.numel() for p in self.model_without_ddp.parameters() if p.requires_grad)
         logger.info("number of trainable parameters: %d", n_parameters)
         # The training forward goes through torch.compile and DDP; checkpoints, evaluation and
@@ -139,6 +141,17 @@ class Trainer:
         self.manager = CheckpointManager(config.OUTPUT, keep_last=config.TRAIN.KEEP_CHECKPOINTS,
                                          logger=logger)
         self.progress = Progress(config, self.rank, self.world_size, self.device, logger)
+
+    def _check_kernels(self) -> list:
+        """Every fused attention call checked against the reference on this device, before the first step
+        (models.kernel_check); a failing one falls back to the reference kernel, or stops the run when
+        MODEL.ATTN_IMPL is 'fused'."""
+        size = self.config.DATA.IMG_SIZE
+        try:
+            return check_model_kernels(self.model_without_ddp, torch.zeros(1, 3, size, size, device=self.device),
+                                       self.autocast, self.config.MODEL.ATTN_IMPL, self.logger)
+        except KernelCheckError as e:
+            raise ConfigError(str(e)) from None
 
     def start_ema(self) -> None:
         """Start the EMA from the weights in use (pretrained or resumed), unless it was resumed too."""
