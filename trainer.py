@@ -25,9 +25,10 @@ from torch.nn.parallel import DistributedDataParallel
 from config import ConfigError
 from data import build_loader
 from distributed import agree, all_reduce
-from evaluation import validate
+from evaluation import step_clock, validate
 from lr_scheduler import build_scheduler
 from models import build_model
+from models.attention_impl import reference_only
 from models.kernel_check import KernelCheckError, check_model_kernels
 from optimizer import build_optimizer
 from preemption import StopRequest, ignore_stop_signals
@@ -56,7 +57,7 @@ def build_checked_model(config, device: torch.device) -> nn.Module:
         model = build_model(config)
         model.to(device)
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), reference_only():     # fused kernels run only once checked (_check_kernels)
             size = config.DATA.IMG_SIZE
             model(torch.zeros(1, 3, size, size, device=device))
         model.train()
@@ -348,14 +349,16 @@ class Trainer:
             if self.ema is not None:
                 ema_update(self.ema.module, self.model_without_ddp, self.ema.decay, ~skipped)
             window_dropped = no > 0
-            batch_time.update(time.time() - end)
-            end = time.time()
 
             done = idx + 1
             freq = config.TRAIN.SAVE_ITER_FREQ
             save_now = freq > 0 and done % freq == 0 and done < num_steps
-            if not (idx % print_freq == 0 or done == num_steps or save_now
-                    or (self.world_size == 1 and self.stop.requested)):
+            log_now = (idx % print_freq == 0 or done == num_steps or save_now
+                       or (self.world_size == 1 and self.stop.requested))
+            now = step_clock(self.device, sync=log_now)     # logged step times include the GPU's work
+            batch_time.update(now - end)
+            end = now
+            if not log_now:
                 continue
             values = stats.read()
             # Ranks decide alike: a rank's signal stops all; the streak can differ by rank only

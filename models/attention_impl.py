@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 ATTN_IMPLS = ('auto', 'reference', 'fused')
 
-__all__ = ['ATTN_IMPLS', 'check_attn_impl', 'use_fused', 'AttentionCall', 'recording', 'record', 'sdpa',
+__all__ = ['ATTN_IMPLS', 'check_attn_impl', 'use_fused', 'AttentionCall', 'recording', 'reference_only', 'record', 'sdpa',
            'sdpa_probe', 'sdpa_backend']
 
 
@@ -94,19 +94,33 @@ def recording(model: torch.nn.Module, module_types: Tuple[type, ...]) -> Iterato
             h.remove()
 
 
+@contextlib.contextmanager
+def reference_only() -> Iterator[None]:
+    """Every fused call inside the block runs its reference kernel instead (for a forward that
+    only checks shapes, before the kernels have been checked on the device)."""
+    global _RECORD
+    saved, _RECORD = _RECORD, []
+    try:
+        yield
+    finally:
+        _RECORD = saved
+
+
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     if device_type not in ('cuda', 'cpu') or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
 
 
-def record(op: str, kernel: str, shape: Tuple, q: torch.Tensor) -> None:
-    """Note a fused call while :func:`recording` (a no-op otherwise)."""
+def record(op: str, kernel: str, shape: Tuple, q: torch.Tensor) -> bool:
+    """Note a fused call while :func:`recording`; True then, and the op runs its reference kernel
+    instead (the recording pass must not run a kernel that is not checked yet)."""
     if _RECORD is None:
-        return
+        return False
     call = AttentionCall(op, kernel, tuple(int(s) for s in shape), q.dtype, str(q.device),
                          _autocast_dtype(q.device.type))
     _RECORD.append((call, _CURRENT[-1] if _CURRENT else None))
+    return True
 
 
 @contextlib.contextmanager

@@ -284,7 +284,6 @@ def deformable_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Opt
                     scale: float, dropout_p: float = 0.0) -> torch.Tensor:
     """The deformable attention core through one fused SDPA kernel: q ``(B*heads, c, HW)``, k, v
     ``(B*heads, c, Ns)``, bias ``(B or 1, heads, HW, Ns)`` or None -> ``(B*heads, c, HW)``."""
-    record('deformable', 'sdpa', (heads, q.shape[2], k.shape[2], q.shape[1], deformable_bias_kind(bias)), q)
     out = sdpa(sdpa_layout(q, heads), sdpa_layout(k, heads), sdpa_layout(v, heads),
                attn_mask=bias, dropout_p=dropout_p, scale=scale)
     return out.transpose(-1, -2).reshape(q.shape)
@@ -440,7 +439,10 @@ class DAttention(nn.Module):
         elif self.pos_enc != 'none':
             bias = self._position_bias(pos, b, h, w)                            # (B or 1, heads, HW, Ns)
 
-        if use_fused(self.attn_impl, x):
+        fused = use_fused(self.attn_impl, x)
+        if fused and record('deformable', 'sdpa', (heads, h * w, n_keys, self.head_dim, deformable_bias_kind(bias)), q):
+            fused = False
+        if fused:
             out = deformable_sdpa(q, k, v, bias, heads, self.scale, self.attn_drop.p if self.training else 0.0)
         else:
             attn = torch.einsum('bcm,bcn->bmn', q, k) * self.scale              # (B*heads, HW, Ns)

@@ -189,6 +189,11 @@ def record_calls(model: nn.Module, example: torch.Tensor,
     return list(merged.items())
 
 
+def nothing_fused(attn_impl: str, device: torch.device) -> bool:
+    """Whether ``attn_impl`` runs only reference kernels on ``device`` (no check needed)."""
+    return attn_impl == 'reference' or (attn_impl == 'auto' and device.type != 'cuda')
+
+
 def check_model_kernels(model: nn.Module, example: torch.Tensor, autocast: Callable[[], ContextManager],
                         attn_impl: str, logger: Optional[logging.Logger] = None,
                         checker: Callable[[AttentionCall], CallResult] = check_call) -> List[CallResult]:
@@ -198,8 +203,8 @@ def check_model_kernels(model: nn.Module, example: torch.Tensor, autocast: Calla
     Raises :class:`KernelCheckError` (one line) when ``attn_impl == 'fused'`` and a call failed.
     """
     logger = logger or logging.getLogger(__name__)
-    if attn_impl == 'reference' or (attn_impl == 'auto' and example.device.type != 'cuda'):
-        return []       # nothing fused runs
+    if nothing_fused(attn_impl, example.device):
+        return []
     tic = time.perf_counter()
     calls = record_calls(model, example, autocast)
     results = []

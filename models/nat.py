@@ -430,8 +430,8 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_
     if scale is None:
         scale = q.shape[-1] ** -0.5
     kernel = kernel_for(q, attn_impl, dropout_p)
-    if kernel != 'tiled':
-        record('neighborhood', kernel, (heads, height, width, q.shape[-1], kernel_size), q)
+    if kernel != 'tiled' and record('neighborhood', kernel, (heads, height, width, q.shape[-1], kernel_size), q):
+        kernel = 'tiled'
     return attend_with(kernel, q, k, v, rpb, kernel_size, scale, dropout_p)
 
 
