@@ -113,8 +113,9 @@ def _forward_backward(run, call, kernel, inputs, grad, dtype, device, autocast) 
     inputs = [None if t is None else t.to(device) for t in inputs]
     with autocast:
         out, leaves = run(call, kernel, inputs, dtype)
-    grads = torch.autograd.grad(out, leaves, grad.to(device, out.dtype))
-    return [out.detach()] + [g.detach() for g in grads]
+    # A kernel that ignores an input (a dropped bias) gives it no gradient: zero, then compared.
+    grads = torch.autograd.grad(out, leaves, grad.to(device, out.dtype), allow_unused=True)
+    return [out.detach()] + [torch.zeros_like(t) if g is None else g.detach() for g, t in zip(grads, leaves)]
 
 
 def check_call(call: AttentionCall, seed: int = 0) -> CallResult:

@@ -80,8 +80,9 @@ def test_nothing_is_checked_where_nothing_fused_runs():
     assert calls == []
 
 
-@pytest.mark.parametrize('how,reason', [('wrong', 'output error'), ('nan', 'non-finite output'),
-                                        ('raise', 'RuntimeError: CUDA error: an illegal memory access')])
+@pytest.mark.parametrize('how,reason', [
+    ('wrong', 'output error'), pytest.param('nan', 'non-finite output', marks=pytest.mark.slow),
+    pytest.param('raise', 'RuntimeError: CUDA error: an illegal memory access', marks=pytest.mark.slow)])
 def test_a_broken_kernel_falls_back_to_the_reference(na_sdpa_on_cpu, monkeypatch, caplog, how, reason):
     _broken_na_sdpa(monkeypatch, how)
     model, reference = _model('auto'), _model('reference')
@@ -114,7 +115,7 @@ def test_verdicts_are_cached_per_process(na_sdpa_on_cpu):
 
     def checker(call):
         seen.append(call)
-        return kernel_check.check_call(call)
+        return kernel_check.CallResult(call, True, '', ('math',), 0.0, 0.0)
 
     model = _model('fused')
     first = kernel_check.check_model_kernels(model, torch.zeros(1, 3, 64, 64), contextlib.nullcontext, 'fused',
@@ -140,3 +141,23 @@ def test_trainer_build_stops_a_fused_run_with_a_config_error(na_sdpa_on_cpu, mon
     trainer = Trainer(config, 0, 1, torch.device('cpu'), logging.getLogger('test'))
     with pytest.raises(ConfigError, match='attention self-check: neighborhood sdpa .* illegal memory access'):
         trainer.build(with_data=False)
+
+
+def _agree_worker(rank: int, port: int, out) -> None:
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
+    try:
+        out[rank] = kernel_check._agree([rank == 1, False, rank == 0])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_agree_on_every_verdict():
+    """Two real gloo ranks, each failing a different call: both fall back on both calls."""
+    import torch.multiprocessing as mp
+    from conftest import free_port
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_agree_worker, args=(free_port(), out), nprocs=2, join=True)
+        assert dict(out) == {0: [True, False, True], 1: [True, False, True]}
