@@ -21,6 +21,15 @@ from tools import benchmark  # noqa: E402
 SMALL = ['--small', '--device', 'cpu', '--models', 'tiny', '--rounds', '1']
 
 
+@pytest.fixture(autouse=True)
+def fresh_kernel_verdicts():
+    """The self-check caches verdicts per process; tests that break a kernel must not leave theirs."""
+    from models import kernel_check
+    kernel_check._CACHE.clear()
+    yield
+    kernel_check._CACHE.clear()
+
+
 # ----------------------------------------------------------------------------- rounds, summary, table
 class FakeWork:
     """Stands in for a Workload: records the order of steps; fails on request."""
