@@ -50,8 +50,9 @@ _C.MODEL.LABEL_SMOOTHING = 0.1
 _C.MODEL.PRETRAINED = None
 # Index file (one 22K class index per line, or a saved tensor) mapping a 22K head to 1K classes.
 _C.MODEL.MAP_22K_TO_1K = ''
-# Neighborhood / deformable attention kernels: 'auto' (fused on CUDA, reference elsewhere),
-# 'reference' or 'fused'.
+# Neighborhood / deformable attention kernels: 'auto' (on CUDA the fused kernels with the least
+# risk, SDPA; reference elsewhere), 'reference' or 'fused' (also flex attention for large maps).
+# Fused calls are checked against the reference at start-up (models/kernel_check.py).
 _C.MODEL.ATTN_IMPL = 'auto'
 
 # Keyword arguments of the DAT constructor, with the official defaults (dat_facts.md §1).

@@ -14,15 +14,43 @@ from data import DataError
 from data.skips import missing_ancestor
 from distributed import all_reduce
 
-__all__ = ['validate', 'throughput', 'memory_mb']
+__all__ = ['validate', 'throughput', 'memory_mb', 'reset_peak_memory', 'step_clock']
 
 
 def memory_mb(device: torch.device) -> float:
-    """Peak memory of this process: allocated GPU memory, or the resident set on the CPU."""
+    """Peak memory of this process since the last :func:`reset_peak_memory`: allocated GPU memory,
+    or the resident set on the CPU."""
     if device.type == 'cuda':
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    try:        # Linux: the resident-set peak, which /proc/self/clear_refs can reset
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0    # Linux: KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0    # KiB on Linux, lifetime peak
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak for :func:`memory_mb` (on the CPU where the system allows it)."""
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        pass
+
+
+def step_clock(device: torch.device, sync: bool) -> float:
+    """``time.time()``, after the device has finished its queued work when ``sync`` (log steps only:
+    a sync per step would stall the pipeline, and without one CUDA step times are launch times)."""
+    if sync and device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    return time.time()
 
 
 @torch.no_grad()
@@ -31,6 +59,7 @@ def validate(model: nn.Module, loader, device: torch.device, autocast: Callable[
     """Top-1 / top-5 / loss over the whole val set. Counts are summed over ranks, so every image
     counts exactly once whatever the number of processes."""
     model.eval()
+    reset_peak_memory(device)       # the figure logged is evaluation's own peak, not training's
     # correct@1, correct@5, summed loss, images, skipped images
     totals = torch.zeros(5, dtype=torch.float64, device=device)
     batch_time = AverageMeter()

@@ -107,8 +107,10 @@ def build_optimizer(config, model: nn.Module,
     torch_groups = []
     for spec in parameter_groups(model, weight_decay=float(train.WEIGHT_DECAY)):
         torch_groups.append({
-            # (name, tensor) pairs make torch record 'param_names' in the group and its state dict.
-            'params': [(n, params[n]) for n in spec['param_names']],
+            # 'param_names' as torch >= 2.6 records it from (name, tensor) pairs, in the group and
+            # its state dict; set by hand, torch 2.5 keeps it the same way.
+            'params': [params[n] for n in spec['param_names']],
+            'param_names': list(spec['param_names']),
             'name': spec['name'],
             'weight_decay': spec['weight_decay'],
             'lr_scale': spec['lr_scale'],

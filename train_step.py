@@ -9,12 +9,12 @@ and counters stay on the device in :class:`StepStats` and are read when logging.
 from __future__ import annotations
 
 import logging
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-__all__ = ['autocast_settings', 'OptimizerStep', 'StepStats', 'ema_update']
+__all__ = ['autocast_settings', 'total_norm', 'OptimizerStep', 'StepStats', 'ema_update']
 
 
 def autocast_settings(config, device: torch.device, logger: logging.Logger) -> Tuple[bool, torch.dtype]:
@@ -26,6 +26,18 @@ def autocast_settings(config, device: torch.device, logger: logging.Logger) -> T
                        "for mixed precision on CPU)", device.type)
         enabled = False
     return enabled, dtype
+
+
+def total_norm(grads: List[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all ``grads`` together, as ``clip_grad_norm_`` measures it, without clipping
+    (``torch.nn.utils.get_total_norm`` from torch 2.6 on; the same arithmetic before)."""
+    get_total_norm = getattr(torch.nn.utils, 'get_total_norm', None)
+    if get_total_norm is not None:
+        return get_total_norm(grads)
+    if not grads:
+        return torch.tensor(0.0)
+    norms = torch._foreach_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
 
 
 def _is_fused(optimizer: torch.optim.Optimizer) -> bool:
@@ -56,7 +68,7 @@ class OptimizerStep:
         if self.clip_grad is not None and self.clip_grad > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
         else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            norm = total_norm([p.grad for p in params])
         skipped = ~torch.isfinite(norm)
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)        # skips on the scaler's own inf check

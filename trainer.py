@@ -29,9 +29,11 @@ from config import ConfigError
 from data import build_loader
 from data.skips import SkipGuard
 from distributed import AgreementClock, agree, all_reduce
-from evaluation import validate
+from evaluation import step_clock, validate
 from lr_scheduler import build_scheduler
 from models import build_model
+from models.attention_impl import reference_only
+from models.kernel_check import KernelCheckError, check_model_kernels
 from optimizer import build_optimizer
 from preemption import StopRequest, ignore_stop_signals
 from progress import Progress
@@ -61,7 +63,7 @@ def build_checked_model(config, device: torch.device) -> nn.Module:
         model = build_model(config)
         model.to(device)
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), reference_only():     # fused kernels run only once checked (_check_kernels)
             size = config.DATA.IMG_SIZE
             model(torch.zeros(1, 3, size, size, device=device))
         model.train()
@@ -128,6 +130,7 @@ class Trainer:
 
         logger.info("creating model %s/%s", config.MODEL.TYPE, config.MODEL.NAME)
         self.model_without_ddp = build_checked_model(config, self.device)
+        self.kernel_check = self._check_kernels()
         n_parameters = sum(p.numel() for p in self.model_without_ddp.parameters() if p.requires_grad)
         logger.info("number of trainable parameters: %d", n_parameters)
         # The training forward goes through torch.compile and DDP; checkpoints, evaluation and
@@ -160,6 +163,17 @@ class Trainer:
         self.manager = CheckpointManager(config.OUTPUT, keep_last=config.TRAIN.KEEP_CHECKPOINTS,
                                          logger=logger)
         self.progress = Progress(config, self.rank, self.world_size, self.device, logger)
+
+    def _check_kernels(self) -> list:
+        """Every fused attention call checked against the reference on this device, before the first step
+        (models.kernel_check); a failing one falls back to the reference kernel, or stops the run when
+        MODEL.ATTN_IMPL is 'fused'."""
+        size = self.config.DATA.IMG_SIZE
+        try:
+            return check_model_kernels(self.model_without_ddp, torch.zeros(1, 3, size, size, device=self.device),
+                                       self.autocast, self.config.MODEL.ATTN_IMPL, self.logger)
+        except KernelCheckError as e:
+            raise ConfigError(str(e)) from None
 
     def start_ema(self) -> None:
         """Start the EMA from the weights in use (pretrained or resumed), unless it was resumed too."""
@@ -395,13 +409,14 @@ class Trainer:
             if self.ema is not None:
                 ema_update(self.ema.module, self.model_without_ddp, self.ema.decay, ~skipped)
             window_dropped = no > 0
-            batch_time.update(time.time() - end)
-            end = time.time()
 
             done = idx + 1
             freq = config.TRAIN.SAVE_ITER_FREQ
             save_now = freq > 0 and done % freq == 0 and done < num_steps
             log_now = idx % print_freq == 0 or done == num_steps or save_now
+            now = step_clock(self.device, sync=log_now)     # logged step times include the GPU's work
+            batch_time.update(now - end)
+            end = now
             # Every rank takes the same branch at the same step: the clock's next step is agreed.
             if not (log_now or (self.world_size > 1 and self.clock.due(idx))
                     or (self.world_size == 1 and self.stop.requested)):

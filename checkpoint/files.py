@@ -265,6 +265,7 @@ def _load_with_pickled_config(path: str) -> Any:
     import types
     from torch import _weights_only_unpickler   # the allow-list behind weights_only=True
     allowed = dict(_weights_only_unpickler._get_allowed_globals())
+    allowed.setdefault('builtins.set', set)     # CfgNode's own fields; torch 2.5's list lacks it
 
     class Unpickler(pickle.Unpickler):
         def find_class(self, module: str, name: str) -> Any:

@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, create_classifier, register_notrace_module
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import DropPath, create_classifier
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_module
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import adapt_input_conv
 from torch.utils.checkpoint import checkpoint
@@ -609,7 +609,8 @@ def load_pretrained(model: nn.Module, checkpoint: Union[Mapping[str, Any], str, 
     sd = checkpoint_filter_fn(checkpoint, model, class_map=class_map)
     own = model.state_dict()
     if _STEM in sd and _STEM in own and sd[_STEM].shape[1] != own[_STEM].shape[1]:
-        sd[_STEM] = adapt_input_conv(own[_STEM].shape[1], sd[_STEM], base_chans=sd[_STEM].shape[1])
+        base = sd[_STEM].shape[1]       # timm before 1.0.30 adapts from 3 channels only (no base_chans)
+        sd[_STEM] = adapt_input_conv(own[_STEM].shape[1], sd[_STEM], **({} if base == 3 else {'base_chans': base}))
 
     missing = [k for k in own if k not in sd]
     dropped_head = [k for k in missing if k.startswith(_HEAD) and k in source]

@@ -12,15 +12,16 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import register_notrace_module, trunc_normal_
+from timm.layers import trunc_normal_
+from timm.models import register_notrace_module
 
-from .attention_impl import check_attn_impl, use_fused
+from .attention_impl import check_attn_impl, record, sdpa, use_fused
 from .sampling import grid_sample_bilinear
 
 __all__ = ['POS_ENCODINGS', 'DEFORM_ARITHS', 'LayerNorm2d', 'LayerScale', 'TransformerMLP', 'TransformerMLPWithConv',
            'residual_depthwise_conv',
            'LocalAttention', 'ShiftWindowAttention', 'PyramidAttention', 'DAttention', 'shifted_window_mask',
-           'window_relative_index']
+           'window_relative_index', 'deformable_sdpa', 'sdpa_layout']
 
 # Position encoding of a deformable block: none, the interpolated relative table ('table'), a
 # depthwise conv on the queries ('dwc'), a table bound to the construction size ('fixed'), or the
@@ -271,6 +272,28 @@ def _centres(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 @register_notrace_module   # the key grid size (and its checks) depend on the input shape
+def sdpa_layout(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B*heads, c, N) channel-major -> (B, heads, N, c) contiguous: the layout SDPA's flash,
+    memory-efficient and cuDNN kernels accept (a transposed view, last stride != 1, sends every
+    backend but math away)."""
+    bh, c, n = t.shape
+    return t.reshape(bh // heads, heads, c, n).transpose(-1, -2).contiguous()
+
+
+def deformable_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], heads: int,
+                    scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """The deformable attention core through one fused SDPA kernel: q ``(B*heads, c, HW)``, k, v
+    ``(B*heads, c, Ns)``, bias ``(B or 1, heads, HW, Ns)`` or None -> ``(B*heads, c, HW)``."""
+    out = sdpa(sdpa_layout(q, heads), sdpa_layout(k, heads), sdpa_layout(v, heads),
+               attn_mask=bias, dropout_p=dropout_p, scale=scale)
+    return out.transpose(-1, -2).reshape(q.shape)
+
+
+def deformable_bias_kind(bias: Optional[torch.Tensor]) -> int:
+    """0: no bias; 1: one bias shared by the batch (the fixed table); 2: a bias per image."""
+    return 0 if bias is None else (1 if bias.shape[0] == 1 else 2)
+
+
 class DAttention(nn.Module):
     """D: deformable multi-head attention (DAT / DAT++).
 
@@ -416,15 +439,11 @@ class DAttention(nn.Module):
         elif self.pos_enc != 'none':
             bias = self._position_bias(pos, b, h, w)                            # (B or 1, heads, HW, Ns)
 
-        if use_fused(self.attn_impl, x):
-            # One fused kernel (flash / memory-efficient / math by backend) instead of
-            # materialising logits, softmax and weights separately; same arithmetic.
-            def heads_first(t: torch.Tensor, n: int) -> torch.Tensor:
-                return t.reshape(b, heads, self.head_dim, n).transpose(-1, -2)
-            out = F.scaled_dot_product_attention(
-                heads_first(q, h * w), heads_first(k, n_keys), heads_first(v, n_keys), attn_mask=bias,
-                dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale)
-            out = out.transpose(-1, -2).reshape(b * heads, self.head_dim, h * w)
+        fused = use_fused(self.attn_impl, x)
+        if fused and record('deformable', 'sdpa', (heads, h * w, n_keys, self.head_dim, deformable_bias_kind(bias)), q):
+            fused = False
+        if fused:
+            out = deformable_sdpa(q, k, v, bias, heads, self.scale, self.attn_drop.p if self.training else 0.0)
         else:
             attn = torch.einsum('bcm,bcn->bmn', q, k) * self.scale              # (B*heads, HW, Ns)
             if bias is not None:

@@ -23,10 +23,14 @@ Kernels (:func:`kernel_for`; ``attn_impl`` resolved per call with
 * ``'tiled'``, the reference: the tiles through ``matmul`` / ``softmax`` with a written-out
   backward; any device and dtype (float64 included). ``'fused'`` also runs it on CPU, where it
   is the fastest exact kernel.
-* ``'sdpa'``: the same tiles through ``scaled_dot_product_attention``: ``'fused'`` on CUDA for
-  maps below :data:`FLEX_MIN_TOKENS` tokens.
+* ``'sdpa'``: the same tiles through ``scaled_dot_product_attention``: what ``'auto'`` runs on
+  CUDA, at every map size, and what ``'fused'`` runs where flex attention is not allowed.
 * ``'flex'``: flex attention with a block mask for the windows and the bias as ``score_mod``:
-  ``'fused'`` on CUDA for larger maps, where it skips the masked blocks.
+  only when ``'fused'`` is asked for explicitly, on CUDA, with torch >= :data:`FLEX_MIN_TORCH`,
+  for maps of at least :data:`FLEX_MIN_TOKENS` tokens. Its compiled backward of a learned bias
+  is the least-trodden path in PyTorch and its gain over the tiles has not been measured on a
+  GPU, so ``'auto'`` does not take it; the start-up check (``models.kernel_check``) verifies it
+  either way.
 
 The geometry (key halos and bias-table indices) depends only on ``(H, W, K)`` and is built once
 per shape and device. The tiled kernel is a forward/backward pair of custom ops
@@ -39,28 +43,41 @@ from typing import Dict, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from timm.layers import register_notrace_function, trunc_normal_
+from timm.layers import trunc_normal_
+from timm.models import register_notrace_function
 
-from .attention_impl import check_attn_impl, use_fused
+from .attention_impl import check_attn_impl, record, sdpa as _sdpa, use_fused
 
 try:  # flex attention appeared in torch 2.5; without it the CUDA path uses SDPA everywhere
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 except ImportError:  # pragma: no cover - depends on the installed torch
     create_block_mask = flex_attention = None
 
-__all__ = ['neighborhood_attention', 'kernel_for', 'tile_size', 'NeighborhoodAttention2D']
+__all__ = ['neighborhood_attention', 'kernel_for', 'choose_kernel', 'tile_size', 'NeighborhoodAttention2D']
 
 # Query tile side for large maps. The scores per query grow with the halo (T + K - 1)^2 and the
 # halo copies with (T + K - 1)^2 / T^2; on CPU (fp32, forward + backward, K = 7, 56 x 56 and
 # 28 x 28, c = 32) T = 7 was fastest among 4, 7 and 8, and it divides DAT++'s map sides.
 TILE = 7
-# On CUDA, 'fused' runs flex attention from this many tokens on, and SDPA over the tiles below
-# (flex pads a map to 128-token blocks: at 14 x 14 it would compute several times the scores
-# SDPA needs). On CPU 'fused' runs the tiled matmul kernel: SDPA with a bias that needs a
-# gradient falls back to its unfused math there and measured 1.3-1.5x slower, forward and
-# backward alike.
+# On CUDA, an explicit 'fused' runs flex attention from this many tokens on, and SDPA over the
+# tiles below (flex pads a map to 128-token blocks: at 14 x 14 it would compute several times
+# the scores SDPA needs). The switch point is not measured: 'auto' runs SDPA at every size. On
+# CPU 'fused' runs the tiled matmul kernel: SDPA with a bias that needs a gradient falls back to
+# its unfused math there and measured 1.3-1.5x slower, forward and backward alike.
 FLEX_MIN_TOKENS = 1024
+# torch 2.5's flex attention refuses a captured bias that requires grad (the learnable table),
+# even under no_grad, and its block-mask builder calls the mask past the end of a map whose
+# length is not a multiple of 128.
+FLEX_MIN_TORCH = (2, 6)
 _FLEX_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _torch_version() -> Tuple[int, int]:
+    major, minor = torch.__version__.split('.')[:2]
+    return int(major), int(''.join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+FLEX_SUPPORTED = flex_attention is not None and _torch_version() >= FLEX_MIN_TORCH
 
 
 # --------------------------------------------------------------------------- geometry
@@ -283,9 +300,8 @@ def _tiled(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int, scale
     vt = _gather_tokens(flat(v), g.keys, g.single, g.tiles)
     if sdpa:
         # SDPA wants (batch, heads, L, c): the tiles fold into the head axis.
-        out = F.scaled_dot_product_attention(
-            qt.flatten(1, 2), kt.flatten(1, 2), vt.flatten(1, 2), attn_mask=bias.to(q.dtype).flatten(0, 1),
-            dropout_p=dropout_p, scale=scale).view(qt.shape)
+        out = _sdpa(qt.flatten(1, 2), kt.flatten(1, 2), vt.flatten(1, 2), attn_mask=bias.to(q.dtype).flatten(0, 1),
+                    dropout_p=dropout_p, scale=scale).view(qt.shape)
     else:
         attn = (torch.matmul(qt * scale, kt.transpose(-2, -1)) + bias).softmax(dim=-1)
         out = torch.matmul(F.dropout(attn, p=dropout_p).to(v.dtype), vt)
@@ -359,11 +375,20 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int, scale:
 
 def kernel_for(q: Tensor, attn_impl: str, dropout_p: float = 0.0) -> str:
     """The kernel that runs for ``q`` (B, heads, H, W, c): ``'tiled'`` (matmul / softmax,
-    the reference), ``'sdpa'`` (the same tiles through SDPA) or ``'flex'``."""
-    if not use_fused(attn_impl, q) or not q.is_cuda:
+    the reference) off CUDA or with ``'reference'``; on CUDA ``'sdpa'`` (the same tiles through
+    SDPA), or ``'flex'`` for large maps when ``attn_impl == 'fused'`` and flex is supported."""
+    return choose_kernel(attn_impl, cuda=q.is_cuda, dtype=q.dtype, tokens=q.shape[2] * q.shape[3],
+                         dropout_p=dropout_p)
+
+
+def choose_kernel(attn_impl: str, *, cuda: bool, dtype: torch.dtype, tokens: int, dropout_p: float = 0.0,
+                  flex_supported: Optional[bool] = None) -> str:
+    """:func:`kernel_for` as a rule of plain values (testable without a GPU)."""
+    if not cuda or attn_impl == 'reference':
         return 'tiled'
-    if (flex_attention is not None and q.dtype in _FLEX_DTYPES and dropout_p == 0
-            and q.shape[2] * q.shape[3] >= FLEX_MIN_TOKENS):
+    flex_ok = FLEX_SUPPORTED if flex_supported is None else flex_supported
+    if (attn_impl == 'fused' and flex_ok and dtype in _FLEX_DTYPES and dropout_p == 0
+            and tokens >= FLEX_MIN_TOKENS):
         return 'flex'
     return 'sdpa'
 
@@ -405,6 +430,14 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_
     if scale is None:
         scale = q.shape[-1] ** -0.5
     kernel = kernel_for(q, attn_impl, dropout_p)
+    if kernel != 'tiled' and record('neighborhood', kernel, (heads, height, width, q.shape[-1], kernel_size), q):
+        kernel = 'tiled'
+    return attend_with(kernel, q, k, v, rpb, kernel_size, scale, dropout_p)
+
+
+def attend_with(kernel: str, q: Tensor, k: Tensor, v: Tensor, rpb: Tensor, kernel_size: int, scale: float,
+                dropout_p: float = 0.0) -> Tensor:
+    """Run one named kernel (``'tiled'``, ``'sdpa'`` or ``'flex'``) on checked inputs."""
     if kernel == 'flex':
         return _flex(q, k, v, rpb, kernel_size, scale)
     return _tiled(q, k, v, rpb, kernel_size, scale, dropout_p, sdpa=kernel == 'sdpa')
@@ -432,7 +465,7 @@ def _attend_packed(qkv: torch.Tensor, rpb: torch.Tensor, num_heads: int, kernel_
 
 # Shape-dependent Python (padding, tiling, kernel choice) stays out of FX graphs: timm's FX
 # feature extraction treats these functions as leaves.
-for _fn in (neighborhood_attention, _pad_to_kernel, _attend_packed):
+for _fn in (neighborhood_attention, attend_with, _pad_to_kernel, _attend_packed):
     register_notrace_function(_fn)
     torch.fx.wrap(_fn.__name__)
 

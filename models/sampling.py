@@ -8,8 +8,7 @@ the same ATen kernels as eager, so values and gradients are those of ``F.grid_sa
 mode, and compiled graphs on other devices (where a fused gather is cheap), call
 ``F.grid_sample`` directly.
 """
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: torch 2.5 infers custom-op schemas from real types only.
 from typing import Tuple
 
 import torch
@@ -58,14 +57,17 @@ def _backward(ctx, grad: Tensor):
 
 
 _grid_sample.register_autograd(_backward, setup_context=_setup_context)
-if hasattr(torch.library, 'register_autocast'):     # not in every supported torch
-    # As F.grid_sample under CPU autocast: float32 in, float32 out.
+# The op runs inside compiled CPU graphs only where torch can give it F.grid_sample's autocast
+# rule (float32 in, float32 out; torch >= 2.6): without the rule a bfloat16 autocast region would
+# reach ATen's CPU kernel in bfloat16, which it does not implement.
+COMPILED_CPU_OP = hasattr(torch.library, 'register_autocast')
+if COMPILED_CPU_OP:
     torch.library.register_autocast(_grid_sample, 'cpu', torch.float32)
 
 
 def grid_sample_bilinear(input: Tensor, grid: Tensor, align_corners: bool = True) -> Tensor:
     """``F.grid_sample(input, grid, mode='bilinear', padding_mode='zeros', align_corners=...)``."""
     if not torch.jit.is_scripting():
-        if torch.compiler.is_compiling() and input.device.type == 'cpu':
+        if COMPILED_CPU_OP and torch.compiler.is_compiling() and input.device.type == 'cpu':
             return _grid_sample(input, grid, align_corners)
     return F.grid_sample(input, grid, mode='bilinear', padding_mode='zeros', align_corners=align_corners)

@@ -21,6 +21,15 @@ from tools import benchmark  # noqa: E402
 SMALL = ['--small', '--device', 'cpu', '--models', 'tiny', '--rounds', '1']
 
 
+@pytest.fixture(autouse=True)
+def fresh_kernel_verdicts():
+    """The self-check caches verdicts per process; tests that break a kernel must not leave theirs."""
+    from models import kernel_check
+    kernel_check._CACHE.clear()
+    yield
+    kernel_check._CACHE.clear()
+
+
 # ----------------------------------------------------------------------------- rounds, summary, table
 class FakeWork:
     """Stands in for a Workload: records the order of steps; fails on request."""
@@ -174,8 +183,9 @@ def test_defaults() -> None:
 # ----------------------------------------------------------------------------- real models
 @pytest.mark.slow
 def test_a_wrong_kernel_is_caught_and_not_timed(tmp_path: Path, monkeypatch, capsys) -> None:
-    """An SDPA that drops the position bias changes the fused logits: that row becomes an error
-    with the measured difference, gets no throughput, and the exit status is 1."""
+    """An SDPA that drops the position bias: the start-up self-check stops the explicit 'fused'
+    entry, which becomes an error row naming the failing call, gets no throughput, and the exit
+    status is 1."""
     real_sdpa = F.scaled_dot_product_attention
 
     def sdpa_without_bias(q, k, v, attn_mask=None, **kwargs):
@@ -186,11 +196,61 @@ def test_a_wrong_kernel_is_caught_and_not_timed(tmp_path: Path, monkeypatch, cap
     assert benchmark.main([*SMALL, '--variants', 'reference,fused', '--baselines', '', '--json', str(out)]) == 1
     ref, fused = json.loads(out.read_text())['rows']
     assert ref['error'] is None and ref['train_img_s'] > 0
-    assert fused['logits_check'] == 'fail'
-    assert fused['logits_max_rel_diff']['fp32'] > 10 * benchmark.CHECK_TOL['fp32']
-    assert 'logits differ from the reference' in fused['error']
+    assert 'attention self-check: deformable sdpa' in fused['error'] and 'output error' in fused['error']
     assert fused['train_img_s'] is None
-    assert 'logits differ' in capsys.readouterr().out
+    assert 'attention self-check' in capsys.readouterr().out
+
+
+class _WrongBiasGrad(torch.autograd.Function):
+    """The bias as it is forward, a zero gradient backward: right logits, wrong training."""
+
+    @staticmethod
+    def forward(ctx, bias):
+        return bias.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.zeros_like(grad)
+
+
+@pytest.mark.slow
+def test_a_kernel_with_a_wrong_backward_is_an_error_row(tmp_path: Path, monkeypatch) -> None:
+    """Past the self-check (switched off here), a kernel whose forward is right but whose bias
+    gradient is wrong passes the logits check and is stopped by the gradient check."""
+    import models.kernel_check
+    real_sdpa = F.scaled_dot_product_attention
+
+    def sdpa_wrong_bias_grad(q, k, v, attn_mask=None, **kwargs):
+        if attn_mask is not None and attn_mask.requires_grad:
+            attn_mask = _WrongBiasGrad.apply(attn_mask)
+        return real_sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(models.kernel_check, 'check_model_kernels', lambda *args, **kwargs: [])
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', sdpa_wrong_bias_grad)
+    out = tmp_path / 'bad_grad.json'
+    assert benchmark.main([*SMALL, '--variants', 'reference,fused', '--baselines', '', '--json', str(out)]) == 1
+    ref, fused = json.loads(out.read_text())['rows']
+    assert ref['error'] is None
+    assert 'gradients differ from the reference' in fused['error'] and fused['train_img_s'] is None
+    assert fused['grad_max_rel_diff']['position tables'] > 0.1
+    assert fused['logits_check'] == 'fail'
+
+
+def test_gradient_check_reports_each_group() -> None:
+    from tools.bench_models import GRAD_TOL, compare_grads, eval_grads
+    from tools.bench_report import Row
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model[0].register_parameter('rpe_table', torch.nn.Parameter(torch.randn(4)))
+    model[0].forward = lambda x, m=model[0]: torch.nn.functional.linear(x, m.weight, m.bias) + m.rpe_table
+    x = torch.randn(3, 4)
+    reference = eval_grads(model, x)
+    row = Row(model='t', entry='dat:fused', arch='t', batch_size=3, dtype='fp32', img_size=4)
+    assert compare_grads(model, x, reference, row, 1.0)
+    assert row.grad_max_rel_diff['position tables'] <= GRAD_TOL and 'offset network' not in row.grad_max_rel_diff
+    wrong = dict(reference, **{'0.rpe_table': reference['0.rpe_table'] * 2})
+    assert not compare_grads(model, x, wrong, row, 1.0)
+    assert row.grad_max_rel_diff['position tables'] == pytest.approx(0.5)
 
 
 @pytest.mark.slow

@@ -335,12 +335,30 @@ def test_kernel_choice_on_cpu():
                                               attn_impl='reference'))
 
 
+def test_kernel_rule_for_cuda():
+    """On CUDA 'auto' is the verified SDPA tiles at every size; flex only for an explicit 'fused', on a
+    torch that supports it, for large maps without attention dropout."""
+    f32, large, small = torch.float32, 56 * 56, 14 * 14
+    for flex in (True, False):
+        rule = lambda impl, **kw: nat.choose_kernel(impl, cuda=True, flex_supported=flex, **kw)  # noqa: E731
+        assert rule('auto', dtype=f32, tokens=large) == 'sdpa'
+        assert rule('auto', dtype=torch.float16, tokens=small) == 'sdpa'
+        assert rule('fused', dtype=f32, tokens=large) == ('flex' if flex else 'sdpa')
+        assert rule('fused', dtype=torch.bfloat16, tokens=small) == 'sdpa'
+        assert rule('fused', dtype=f32, tokens=large, dropout_p=0.1) == 'sdpa'
+        assert rule('fused', dtype=torch.float64, tokens=large) == 'sdpa'
+        assert rule('reference', dtype=f32, tokens=large) == 'tiled'
+    assert nat.choose_kernel('fused', cuda=False, dtype=f32, tokens=large) == 'tiled'
+    old = tuple(int(p) for p in torch.__version__.split('.')[:2]) < nat.FLEX_MIN_TORCH
+    assert not (old and nat.FLEX_SUPPORTED)
+
+
 @pytest.mark.skipif(not CUDA, reason='kernel choice by map size applies on CUDA')
 def test_kernel_choice_on_cuda():
     small, large = torch.zeros(1, 2, 14, 14, 4, device='cuda'), torch.zeros(1, 2, 56, 56, 4, device='cuda')
     assert nat.kernel_for(small, 'auto') == 'sdpa'
-    expected_large = 'flex' if nat.flex_attention is not None else 'sdpa'
-    assert nat.kernel_for(large, 'auto') == expected_large
+    assert nat.kernel_for(large, 'auto') == 'sdpa'
+    assert nat.kernel_for(large, 'fused') == ('flex' if nat.FLEX_SUPPORTED else 'sdpa')
     assert nat.kernel_for(large, 'fused', dropout_p=0.1) == 'sdpa'     # flex has no attention dropout
     assert nat.kernel_for(large.double(), 'fused') == 'sdpa'
     assert nat.kernel_for(large, 'reference') == 'tiled'
@@ -409,7 +427,8 @@ def test_torchscript():
 
 # ----------------------------------------------------------------------------- flex attention
 
-@pytest.mark.skipif(nat.flex_attention is None, reason='torch without flex attention')
+@pytest.mark.skipif(not nat.FLEX_SUPPORTED, reason=f'flex attention is used from torch '
+                    f'{nat.FLEX_MIN_TORCH[0]}.{nat.FLEX_MIN_TORCH[1]} on; this is {torch.__version__}')
 @pytest.mark.parametrize('kernel,height,width', [(3, 9, 11), pytest.param(7, 8, 7, marks=pytest.mark.slow)])
 def test_flex_mask_and_bias_logic_eager_cpu(kernel, height, width):
     """The flex path's block mask and score_mod, run by eager flex attention (forward, CPU)."""

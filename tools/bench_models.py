@@ -8,7 +8,7 @@ import contextlib
 import gc
 import math
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -46,6 +46,12 @@ SMALL_IMG = 64
 CHECK_TABLE_STD = 1.0              # std of the shared weights' position tables for the logits check
 # Largest tolerated max|variant - reference| / max|reference| of the logits, per compared dtype.
 CHECK_TOL = {'fp32': 1e-3, 'fp16': 1e-2, 'bf16': 5e-2}
+# Gradients compared in exact fp32 on GRAD_CHECK_IMAGES images: the position-bias tables and the
+# offset networks (where a kernel with a wrong backward shows first), then every parameter.
+GRAD_TOL = 1e-3
+GRAD_CHECK_IMAGES = 2
+GRAD_GROUPS = {'position tables': ('rpe_table', 'rpb', 'relative_position_bias_table'),
+               'offset network': ('conv_offset',)}
 
 
 # ----------------------------------------------------------------------------- models
@@ -74,15 +80,27 @@ def redraw_position_tables(model: nn.Module, std: float, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 
-def kernel_names(config, device: torch.device, img: int) -> Dict[str, str]:
+def kernel_names(config, device: torch.device, img: int, checked: Sequence = ()) -> Dict[str, str]:
     """What each DAT attention op runs for this config; neighborhood attention per N-block map
-    (maps smaller than the kernel run padded to it)."""
+    (maps smaller than the kernel run padded to it). ``checked``: the start-up check's results
+    (``models.kernel_check``), which name the SDPA backend each fused call selected and the calls
+    that fell back to the reference."""
     from models.nat import kernel_for
     impl, dat = config.MODEL.ATTN_IMPL, config.MODEL.DAT
     maps = sorted({max(img // 4 // 2 ** i, dat.nat_ksizes[i]) for i, spec in enumerate(dat.stage_spec)
                    if 'N' in spec}, reverse=True)
     na = {side: kernel_for(torch.empty(1, 1, side, side, 1, device=device), impl) for side in maps}
-    return {'deformable': 'sdpa' if impl == 'fused' else 'reference',
+
+    def label(result) -> str:
+        if not result.ok:
+            return 'reference (self-check failed)'
+        return result.call.kernel + (f" ({'/'.join(result.backends)})" if result.backends else '')
+
+    deformable = sorted({label(r) for r in checked if r.call.op == 'deformable'})
+    for r in checked:
+        if r.call.op == 'neighborhood':
+            na[r.call.shape[1]] = label(r)
+    return {'deformable': ', '.join(deformable) or 'reference',
             'neighborhood': ', '.join(f'{side}x{side}: {name}' for side, name in na.items())}
 
 
@@ -110,6 +128,11 @@ def exact_fp32(device: torch.device) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+def autocast_for(device: torch.device, dtype: str):
+    """The autocast context factory of a benchmark dtype (none for fp32)."""
+    return lambda: torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != 'fp32')
+
+
 def eval_logits(runner: nn.Module, model: nn.Module, x: torch.Tensor, dtype: str) -> torch.Tensor:
     model.eval()
     ctx = exact_fp32(x.device) if dtype == 'fp32' else torch.autocast(x.device.type, dtype=DTYPES[dtype])
@@ -134,11 +157,46 @@ def compare_logits(work: Workload, reference: Dict[str, torch.Tensor], row: Row,
     return ok
 
 
+def eval_grads(model: nn.Module, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Exact-fp32 gradients of a fixed function of the logits (eval mode: no dropout or drop path)."""
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    with exact_fp32(x.device):
+        logits = model(x).float()
+        weights = torch.linspace(-1.0, 1.0, logits.numel(), device=x.device).view_as(logits)
+        (logits * weights).sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def compare_grads(model: nn.Module, x: torch.Tensor, reference: Dict[str, torch.Tensor], row: Row,
+                  tol_scale: float) -> bool:
+    """Fill ``row.grad_max_rel_diff`` per :data:`GRAD_GROUPS` group (and 'all'); True when within
+    :data:`GRAD_TOL` everywhere and no reference gradient is missing."""
+    grads = eval_grads(model, x)
+    ok = set(grads) == set(reference)
+    groups = dict(GRAD_GROUPS, all=('',))
+    for group, keys in groups.items():
+        names = [n for n in reference if any(k in n for k in keys)]
+        if not names:
+            continue
+        # Relative to the group's largest gradient: some gradients are exactly zero in exact
+        # arithmetic (the key projection's bias under softmax), and their rounding is no error.
+        scale = max(reference[n].abs().max().item() for n in names)
+        diff = max((grads[n] - reference[n]).abs().max().item() if n in grads else float('inf')
+                   for n in names) / max(scale, 1e-12)
+        row.grad_max_rel_diff[group] = diff
+        ok = ok and math.isfinite(diff) and diff <= GRAD_TOL * tol_scale
+    return ok
+
+
 # ----------------------------------------------------------------------------- the entries of one size
 def build_entries(size: str, args: argparse.Namespace, device: torch.device, dtype: str,
                   x: torch.Tensor, y: torch.Tensor) -> List[Entry]:
     """Every DAT variant (same weights) and every baseline of one size, ready to step."""
     from models import build_model
+    from models.kernel_check import check_model_kernels
     img, batch = x.shape[-1], x.shape[0]
     entries: List[Entry] = []
 
@@ -153,6 +211,7 @@ def build_entries(size: str, args: argparse.Namespace, device: torch.device, dty
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
     flops = forward_flops_per_image(model, img)
     reference_logits: Dict[str, torch.Tensor] = {}
+    reference_grads: Dict[str, torch.Tensor] = {}
     compile_kwargs = dict(backend=args.compile_backend)
     if args.compile_mode:
         compile_kwargs['mode'] = args.compile_mode
@@ -164,10 +223,18 @@ def build_entries(size: str, args: argparse.Namespace, device: torch.device, dty
         entries.append(entry)
         try:
             config = load_dat_config(size, args, impl)
-            row.kernels = kernel_names(config, device, img)
             model = build_model(config)
             model.load_state_dict(state)
             model.to(device)
+            checked = check_model_kernels(model, x[:1], autocast_for(device, dtype), impl)
+            row.kernels = kernel_names(config, device, img, checked)
+            grad_x = x[:GRAD_CHECK_IMAGES]
+            if variant == 'reference':
+                reference_grads = eval_grads(model, grad_x)
+            elif reference_grads and not compare_grads(model, grad_x, reference_grads, row, args.check_tol_scale):
+                diffs = ', '.join(f'{g} {v:.2e}' for g, v in row.grad_max_rel_diff.items())
+                row.logits_check = 'fail'
+                raise RuntimeError(f'gradients differ from the reference (max rel diff {diffs}); not timed')
             entry.work = Workload(model, config, x, y, dtype, device,
                                   compile_kwargs if variant.endswith('+compile') else None)
             if variant == 'reference':

@@ -43,7 +43,8 @@ class Row:
     train_mfu: Optional[float] = None
     infer_mfu: Optional[float] = None
     logits_max_rel_diff: Dict[str, float] = field(default_factory=dict)
-    logits_check: Optional[str] = None
+    logits_check: Optional[str] = None           # logits and gradients against the reference
+    grad_max_rel_diff: Dict[str, float] = field(default_factory=dict)
     kernels: Dict[str, str] = field(default_factory=dict)
     profile_top_ops: Optional[List[dict]] = None
     error: Optional[str] = None
@@ -75,8 +76,9 @@ def format_table(rows: List[Row]) -> str:
                        _fmt(r.first_step_ratio, '.1f', 'x'), f'{r.train_steps}/{r.infer_steps}',
                        _fmt(r.cpu_share, '.2f')]
         check = '-' if r.logits_check is None else r.logits_check
-        if r.logits_max_rel_diff:
-            check += f' ({max(r.logits_max_rel_diff.values()):.1e})'
+        diffs = list(r.logits_max_rel_diff.values()) + list(r.grad_max_rel_diff.values())
+        if diffs:
+            check += f' ({max(diffs):.1e})'
         lines.append([r.entry, r.arch] + numbers + [check])
     widths = [max(len(x[i]) for x in lines + [TABLE_HEADER]) for i in range(len(TABLE_HEADER))]
     out = ['  '.join(c.ljust(w) for c, w in zip(TABLE_HEADER, widths)), '  '.join('-' * w for w in widths)]
