@@ -29,6 +29,14 @@ _C.DATA = CN()
 _C.DATA.BATCH_SIZE = 128          # per GPU / process
 _C.DATA.DATA_PATH = ''            # ImageFolder root holding train/ and val/
 _C.DATA.DATASET = 'imagenet'
+# Where the images come from: 'folder' (an ImageFolder root with train/ and val/) or 'wds'
+# (WebDataset tar shards, data/shards.py). For 'wds', the shard patterns (brace ranges and globs,
+# relative to DATA_PATH; empty: train/*.tar and val/*.tar) and the class-index file (one class
+# name per line; empty: DATA_PATH/classes.txt when present, else the labels in the shards).
+_C.DATA.FORMAT = 'folder'
+_C.DATA.TRAIN_SHARDS = ''
+_C.DATA.VAL_SHARDS = ''
+_C.DATA.CLASS_INDEX = ''
 _C.DATA.IMG_SIZE = 224
 _C.DATA.INTERPOLATION = 'bicubic'
 _C.DATA.PIN_MEMORY = True
