@@ -122,7 +122,7 @@ def _index_shard(path: str) -> Tuple[List[str], List[int], List[int], List[int],
                         f"copy it again") from None
     for key in order:
         if key not in images or key not in labels:
-            what = 'an image' if key not in images else f'a .{LABEL_FIELD} label'
+            what = 'image' if key not in images else f'.{LABEL_FIELD} label'
             raise DataError(f"shard '{path}': sample '{key}' has no {what}: every sample needs an image and a "
                             f".{LABEL_FIELD} class index")
     return (order, [images[k][0] for k in order], [images[k][1] for k in order], [labels[k] for k in order],
