@@ -1,10 +1,13 @@
 """Images per second of the data loaders, per worker: the float pipeline against
-``DATA.DEVICE_NORMALIZE`` (uint8 batches normalised on the device).
+``DATA.DEVICE_NORMALIZE`` (uint8 batches normalised on the device), or, with ``--shards``, the
+folder source against the same images as WebDataset tar shards (``DATA.FORMAT 'wds'``).
 
     python -m data.throughput --cfg configs/dat_tiny.yaml --data-path /imagenet --workers 1 2 --batches 50
+    python -m data.throughput --cfg configs/dat_tiny.yaml --data-path /imagenet --shards /imagenet-wds
 
 prints one JSON line per (workers, round, pipeline), the pipelines alternating round by round,
-then one summary line per worker count: the median images/s of each pipeline and their ratio.
+then one summary line per worker count: the median images/s of each pipeline and their ratio
+(``--shards``: of each source, ``ratio`` = shards / folder).
 On a CPU the main process stands in for the device and runs with ``--main-threads`` (default 1)
 threads, so that the device's work does not take the cores the workers run on.
 :func:`compare_pipelines` is what the benchmark tool calls.
@@ -20,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-__all__ = ['compare_pipelines', 'loader_throughput', 'sync_device']
+__all__ = ['compare_pipelines', 'compare_sources', 'loader_throughput', 'sync_device']
 
 
 def sync_device(device: torch.device) -> None:
@@ -67,7 +70,8 @@ def loader_throughput(config: Any, device_normalize: bool, num_workers: int, bat
     sync_device(device)
     elapsed = time.perf_counter() - start
     per_second = images_seen / elapsed
-    return {'pipeline': 'device_normalize' if device_normalize else 'float', 'workers': int(num_workers),
+    return {'pipeline': 'device_normalize' if device_normalize else 'float',
+            'source': str(cfg.DATA.FORMAT), 'workers': int(num_workers),
             'device': str(device), 'batch_size': int(cfg.DATA.BATCH_SIZE), 'batches': measured,
             'images_per_s': per_second, 'images_per_s_per_worker': per_second / max(int(num_workers), 1)}
 
@@ -102,6 +106,45 @@ def compare_pipelines(config: Any, num_workers: int, batches: int = 30, warmup: 
             'ratio': medians['device_normalize'] / medians['float']}
 
 
+def compare_sources(config: Any, shards_path: str, num_workers: int, batches: int = 30, warmup: int = 5,
+                    rounds: int = 3, device: Union[str, torch.device, None] = None, train: bool = True,
+                    main_threads: int = 1,
+                    on_result: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+    """The folder source of ``config`` and the WebDataset shards at ``shards_path`` (the same
+    images), alternating for ``rounds`` rounds in ``config``'s pipeline: the median images/s per
+    worker of each and ``ratio`` = shards / folder."""
+    sources = {'folder': config.clone(), 'wds': config.clone()}
+    for name, cfg in sources.items():
+        cfg.defrost()
+        cfg.DATA.FORMAT = name
+        if name == 'wds':
+            cfg.DATA.DATA_PATH = shards_path
+        cfg.freeze()
+    per_worker: Dict[str, List[float]] = {name: [] for name in sources}
+    result: Dict[str, Any] = {}
+    threads = torch.get_num_threads()
+    if torch.device(device if device is not None else 'cpu').type == 'cpu':
+        torch.set_num_threads(main_threads)
+    try:
+        for r in range(rounds):
+            for name in (('folder', 'wds') if r % 2 == 0 else ('wds', 'folder')):
+                cfg = sources[name]
+                result = loader_throughput(cfg, bool(cfg.DATA.DEVICE_NORMALIZE), num_workers, batches, warmup,
+                                           device, train)
+                result['round'] = r + 1
+                per_worker[name].append(result['images_per_s_per_worker'])
+                if on_result is not None:
+                    on_result(result)
+    finally:
+        torch.set_num_threads(threads)
+    medians = {name: statistics.median(values) for name, values in per_worker.items()}
+    return {'workers': int(num_workers), 'device': result['device'], 'batch_size': result['batch_size'],
+            'pipeline': result['pipeline'], 'rounds': int(rounds),
+            'images_timed': result['batches'] * result['batch_size'],
+            'folder_per_worker': medians['folder'], 'wds_per_worker': medians['wds'],
+            'ratio': medians['wds'] / medians['folder']}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from config import ConfigError, load_config
 
@@ -118,6 +161,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="torch threads of the main process when --device is cpu (it does the device's work)")
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--val', action='store_true', help='time the validation loader instead')
+    parser.add_argument('--shards', default='',
+                        help='WebDataset shards of the same images (tools/prepare_imagenet.py shards): compare '
+                             'the two sources instead of the two pipelines')
     parser.add_argument('--opts', nargs='+', default=[])
     args = parser.parse_args(argv)
     try:
@@ -125,9 +171,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(f'--rounds and --main-threads must be >= 1, got {args.rounds} and {args.main_threads}')
         config = load_config(args.cfg, ['DATA.DATA_PATH', args.data_path, *args.opts])
         for workers in args.workers:
-            summary = compare_pipelines(config, workers, args.batches, args.warmup, args.rounds, args.device,
-                                        train=not args.val, main_threads=args.main_threads,
-                                        on_result=lambda r: print(json.dumps(r), flush=True))
+            common = dict(train=not args.val, main_threads=args.main_threads,
+                          on_result=lambda r: print(json.dumps(r), flush=True))
+            if args.shards:
+                summary = compare_sources(config, args.shards, workers, args.batches, args.warmup, args.rounds,
+                                          args.device, **common)
+            else:
+                summary = compare_pipelines(config, workers, args.batches, args.warmup, args.rounds, args.device,
+                                            **common)
             print(json.dumps({'summary': summary}), flush=True)
     except (ConfigError, DataError, ValueError) as e:
         print(f'error: {e}', file=sys.stderr)

@@ -279,3 +279,15 @@ def test_two_ranks_from_shards_preempted_and_resumed_equal_the_folder_run(tmp_pa
     detail = ACC_DETAIL.findall(evaluated.stdout + evaluated.log())
     assert detail and int(detail[-1][3]) == 9
     assert evaluated.accuracies()[-1] == folder.accuracies()[-1]
+
+
+def test_throughput_compares_the_sources_on_the_same_images(tiny_data, tiny_shards, capsys):
+    from data.throughput import main as throughput_main
+    code = throughput_main(['--cfg', str(REPO / 'configs' / 'demo.yaml'), '--data-path', tiny_data,
+                            '--shards', tiny_shards, '--workers', '0', '--batches', '2', '--warmup', '1',
+                            '--rounds', '2', '--opts', 'DATA.BATCH_SIZE', '2', 'MODEL.NUM_CLASSES', '3'])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 0
+    assert [r['source'] for r in lines[:-1]] == ['folder', 'wds', 'wds', 'folder']
+    summary = lines[-1]['summary']
+    assert summary['ratio'] == pytest.approx(summary['wds_per_worker'] / summary['folder_per_worker'])
