@@ -224,3 +224,36 @@ def test_killed_mid_run_then_rerun_gives_the_same_tree(tmp_path):
         {k: v for k, v in tree_files(fresh).items() if k != 'shards.json'}
     final = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert final.returncode == 0 and final.stdout.count('already complete') == 2, final.stdout
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 600 kB tmpfs (a real full filesystem), enlarged by the test with ``mount -o remount``."""
+    mount = tmp_path / 'disk'
+    mount.mkdir()
+    made = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=600k', 'tmpfs', str(mount)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f'cannot mount a tmpfs here ({made.stderr.strip() or made.returncode})')
+    try:
+        yield mount
+    finally:
+        subprocess.run(['umount', '-l', str(mount)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_the_rerun_continues(tmp_path, small_disk):
+    arch = make_archives(tmp_path / 'arch', classes=6, train_per_class=60, val_per_class=4)
+    out = small_disk / 'imagenet'
+    cmd = [sys.executable, TOOL, *_folder_args(arch, out, 'wnid', None, None, '--shards', str(small_disk / 'wds'))]
+    full = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert full.returncode == 2, full.stderr
+    lines = full.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'No space left on device' in lines[0] and 'rerun the same command' in lines[0]
+    assert not (out / 'train').exists() and not list(out.rglob('*.part'))
+    grown = subprocess.run(['mount', '-o', 'remount,size=20m', str(small_disk)], capture_output=True, text=True)
+    assert grown.returncode == 0, grown.stderr
+    rerun = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert _tree(out) == expected_tree(arch)
+    assert (small_disk / 'wds' / 'shards.json').is_file()

@@ -32,6 +32,7 @@ Every problem is one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -80,9 +81,14 @@ def _safe_name(name: str, where: str) -> str:
 def _copy_to(src, path: str) -> None:
     """Write the stream ``src`` to ``path`` through a temp name (a file there is always whole)."""
     tmp = path + '.part'
-    with open(tmp, 'wb') as out:
-        shutil.copyfileobj(src, out, _CHUNK)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as out:
+            shutil.copyfileobj(src, out, _CHUNK)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def _read_json(path: str) -> Optional[dict]:
@@ -416,8 +422,13 @@ def _write_split(split: str, samples: List[Tuple[str, int]], keys: List[str], ou
             continue
         part = slice(i * shard_size, (i + 1) * shard_size)
         try:
-            write_shard(path + '.part', [(k, p, y) for k, (p, y) in zip(keys[part], samples[part])])
-            os.replace(path + '.part', path)
+            try:
+                write_shard(path + '.part', [(k, p, y) for k, (p, y) in zip(keys[part], samples[part])])
+                os.replace(path + '.part', path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.remove(path + '.part')
+                raise
         except OSError as e:
             raise PrepareError(f"writing shard '{path}' failed ({type(e).__name__}: {e.strerror or e}): free "
                                f"space or fix the input, then rerun the same command to continue") from None
