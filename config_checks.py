@@ -133,7 +133,7 @@ NULLABLE = ('AUG.CUTMIX_MINMAX', 'TRAIN.CLIP_GRAD')
 CHOICES: Dict[str, Tuple[str, ...]] = {
     'DATA.INTERPOLATION': ('bicubic', 'bilinear', 'nearest', 'lanczos', 'hamming', 'box', 'random'),
     'DATA.DATASET': ('imagenet', 'imagefolder'),
-    'DATA.FORMAT': ('folder', 'wds'),
+    'DATA.FORMAT': ('folder', 'wds', 'hf'),
     'MODEL.ATTN_IMPL': ('auto', 'reference', 'fused'),
     'MODEL.DAT.deform_arith': ('pp', 'v1'),
     'MODEL.DAT.qna_activation': ('exp', 'sigmoid', 'linear'),

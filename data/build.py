@@ -165,7 +165,7 @@ def _data_root(config: Any) -> str:
 
 
 def data_format(config: Any) -> str:
-    """``DATA.FORMAT``, lower-cased: 'folder' or 'wds'."""
+    """``DATA.FORMAT``, lower-cased: 'folder', 'wds' or 'hf'."""
     return str(getattr(config.DATA, 'FORMAT', 'folder') or 'folder').lower()
 
 
@@ -176,15 +176,24 @@ def _check_dataset_name(config: Any) -> None:
                         f"(any ImageFolder layout with train/ and val/)")
 
 
+def _source_builder(config: Any) -> Callable:
+    """The ``build_*_datasets(config, transform_train, transform_val, splits)`` of a non-folder source."""
+    if data_format(config) == 'hf':
+        from .hf import build_hf_datasets
+        return build_hf_datasets
+    from .shards import build_shard_datasets
+    return build_shard_datasets
+
+
 def build_dataset(is_train: bool, config: Any) -> Tuple[Any, int]:
     """``(dataset, num_classes)`` for the training or validation split of ``DATA.FORMAT``:
-    ``DATA.DATA_PATH/train`` or ``/val`` (ImageNet layout), or the split's tar shards."""
+    ``DATA.DATA_PATH/train`` or ``/val`` (ImageNet layout), the split's tar shards (:mod:`data.shards`)
+    or its Hugging Face files (:mod:`data.hf`)."""
     _check_dataset_name(config)
     split = 'train' if is_train else 'val'
-    if data_format(config) == 'wds':
-        from .shards import build_shard_datasets
-        dataset = build_shard_datasets(config, build_transform(True, config) if is_train else None,
-                                       None if is_train else build_transform(False, config), splits=(split,))[split]
+    if data_format(config) != 'folder':
+        dataset = _source_builder(config)(config, build_transform(True, config) if is_train else None,
+                                          None if is_train else build_transform(False, config), splits=(split,))[split]
         return dataset, len(dataset.classes)
     root = _data_root(config)
     check_data_root(root, splits=(split,))
@@ -195,9 +204,8 @@ def build_dataset(is_train: bool, config: Any) -> Tuple[Any, int]:
 def build_datasets(config: Any) -> Tuple[Any, Any, int]:
     """``(train, val, num_classes)``, both splits held to one class list (``DATA.FORMAT``)."""
     _check_dataset_name(config)
-    if data_format(config) == 'wds':
-        from .shards import build_shard_datasets
-        datasets = build_shard_datasets(config, build_transform(True, config), build_transform(False, config))
+    if data_format(config) != 'folder':
+        datasets = _source_builder(config)(config, build_transform(True, config), build_transform(False, config))
         return datasets['train'], datasets['val'], len(datasets['train'].classes)
     check_data_root(_data_root(config), splits=('train', 'val'))
     dataset_train, num_classes = build_dataset(is_train=True, config=config)

@@ -38,7 +38,7 @@ from .errors import DataError
 from .folder import BadSample, to_rgb
 from .shard_format import CLASSES_FILE, IMAGE_FIELDS, LABEL_FIELD, MANIFEST, read_classes, split_member
 
-__all__ = ['TarShardDataset', 'expand_braces', 'shard_paths', 'build_shard_datasets']
+__all__ = ['TarShardDataset', 'expand_braces', 'shard_paths', 'build_shard_datasets', 'apply_classes']
 
 _logger = logging.getLogger('dat.data')
 _BRACE = re.compile(r'\{([^{}]*)\}')
@@ -209,6 +209,46 @@ class TarShardDataset(Dataset):
         return state
 
 
+def apply_classes(datasets: Dict[str, Any], classes: Sequence[str], source: Optional[str], fix: str,
+                  what: str) -> None:
+    """Hold every split of ``datasets`` (``targets`` arrays, ``name(i)``) to one class list: labels
+    inside ``classes`` (named by ``source``; None: the training labels), validation classes among
+    the training ones; then set ``classes`` on each. Classes without training samples are a warning."""
+    for split, ds in datasets.items():
+        bad = np.flatnonzero((ds.targets >= len(classes)) | (ds.targets < 0))
+        if bad.size:
+            i = int(bad[0])
+            where = source or f"the training labels 0..{len(classes) - 1}"
+            reason = fix if source else f"the validation {what} do not match the training {what}"
+            if int(ds.targets[i]) < 0:
+                reason = 'a split without labels (such as a test split) cannot be trained or evaluated on'
+            raise DataError(f"{split} sample '{ds.name(i)}' has label {int(ds.targets[i])}, outside {where}: {reason}")
+        ds.set_classes(classes)
+    in_train = np.bincount(datasets['train'].targets, minlength=len(classes)) > 0
+    if 'val' in datasets:
+        missing = np.setdiff1d(np.unique(datasets['val'].targets), np.flatnonzero(in_train))
+        if missing.size:
+            names = ', '.join(classes[i] for i in missing[:5])
+            raise DataError(f"the validation {what} hold classes the training {what} do not ({names}"
+                            f"{' ...' if missing.size > 5 else ''}): both splits need the same classes")
+    empty = [classes[i] for i in np.flatnonzero(~in_train)]
+    if empty:
+        _logger.warning("%d class(es) have no training samples: %s", len(empty), ', '.join(empty[:5]))
+
+
+def class_index_file(config: Any, root: str) -> str:
+    """``DATA.CLASS_INDEX`` (relative to ``root``), else ``root/classes.txt`` when present, else ''."""
+    class_file = os.path.expanduser(str(config.DATA.CLASS_INDEX or ''))
+    if class_file and not os.path.isabs(class_file):
+        class_file = os.path.join(root, class_file)
+    if not class_file and os.path.isfile(os.path.join(root, CLASSES_FILE)):
+        class_file = os.path.join(root, CLASSES_FILE)
+    if class_file and not os.path.isfile(class_file):
+        raise DataError(f"DATA.CLASS_INDEX '{class_file}' does not exist: give the class-index file (one class "
+                        f"name per line), or leave it empty to take the classes from the dataset's labels")
+    return class_file
+
+
 def _manifest(root: str) -> Optional[dict]:
     path = os.path.join(root, MANIFEST)
     if not os.path.isfile(path):
@@ -254,44 +294,17 @@ def build_shard_datasets(config: Any, transform_train: Optional[Callable], trans
                         f"holding train/*.tar and val/*.tar (or DATA.TRAIN_SHARDS / DATA.VAL_SHARDS patterns "
                         f"relative to it)")
     manifest = _manifest(root)
-    class_file = str(config.DATA.CLASS_INDEX or '')
-    if class_file and not os.path.isabs(os.path.expanduser(class_file)):
-        class_file = os.path.join(root, class_file)
-    if not class_file and os.path.isfile(os.path.join(root, CLASSES_FILE)):
-        class_file = os.path.join(root, CLASSES_FILE)
-    if class_file and not os.path.isfile(os.path.expanduser(class_file)):
-        raise DataError(f"DATA.CLASS_INDEX '{class_file}' does not exist: give the class-index file (one class "
-                        f"name per line), or leave it empty to take the classes from the shards' labels")
-    classes = read_classes(os.path.expanduser(class_file)) if class_file else None
+    class_file = class_index_file(config, root)
+    classes = read_classes(class_file) if class_file else None
     patterns = {'train': ('DATA.TRAIN_SHARDS', str(config.DATA.TRAIN_SHARDS or ''), transform_train),
                 'val': ('DATA.VAL_SHARDS', str(config.DATA.VAL_SHARDS or ''), transform_val)}
     # Training classes are needed for the val check: always index the training split.
     needed = ['train'] + [s for s in splits if s != 'train']
     datasets = {s: _split(root, patterns[s][1], patterns[s][0], s, manifest, patterns[s][2]) for s in needed}
-    train = datasets['train']
     if classes is None:
-        classes = [str(i) for i in range(int(train.targets.max()) + 1)]
-    for split, ds in datasets.items():
-        bad = np.flatnonzero(ds.targets >= len(classes))
-        if bad.size:
-            i = int(bad[0])
-            source = f"the {len(classes)} classes of '{class_file}'" if class_file else \
-                f"the training labels 0..{len(classes) - 1}"
-            fix = ("the class-index file does not match the shards" if class_file else
-                   "the validation shards do not match the training shards")
-            raise DataError(f"{split} sample '{ds.name(i)}' has label {int(ds.targets[i])}, outside {source}: "
-                            f"{fix}")
-        ds.set_classes(classes)
-    in_train = np.bincount(train.targets, minlength=len(classes)) > 0
-    if 'val' in datasets:
-        missing = np.setdiff1d(np.unique(datasets['val'].targets), np.flatnonzero(in_train))
-        if missing.size:
-            names = ', '.join(classes[i] for i in missing[:5])
-            raise DataError(f"the validation shards hold classes the training shards do not ({names}"
-                            f"{' ...' if missing.size > 5 else ''}): both splits need the same classes")
-    empty = [classes[i] for i in np.flatnonzero(~in_train)]
-    if empty:
-        _logger.warning("%d class(es) have no training samples: %s", len(empty), ', '.join(empty[:5]))
+        classes = [str(i) for i in range(int(datasets['train'].targets.max()) + 1)]
+    apply_classes(datasets, classes, f"the {len(classes)} classes of '{class_file}'" if class_file else None,
+                  'the class-index file does not match the shards', 'shards')
     if manifest is not None and manifest.get('classes') not in (None, len(classes)):
         raise DataError(f"{MANIFEST} in '{root}' says {manifest['classes']} classes, the class-index file "
                         f"'{class_file or '(none)'}' gives {len(classes)}: the label file does not match the shards")
