@@ -24,19 +24,16 @@ such as the hub's ImageNet test split) are one-line :class:`DataError` at start-
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image
 from torch.utils.data import Dataset
 
 from .errors import DataError
-from .folder import BadSample, to_rgb
 from .shard_format import read_classes
-from .shards import apply_classes, class_index_file, shard_paths
+from .shards import apply_classes, class_index_file, decoded_sample, shard_paths
 
 __all__ = ['HFImageDataset', 'build_hf_datasets']
 
@@ -209,20 +206,12 @@ class HFImageDataset(Dataset):
         file, row = self._locate(index)
         return f'{file.path}:row {row}'
 
-    def __getitem__(self, index: int) -> Any:
+    def _read(self, index: int) -> Optional[bytes]:
         file, row = self._locate(index)
-        try:
-            data = file.image_bytes(row)
-            if not data:
-                raise ValueError('the row has no image bytes')
-            img = Image.open(io.BytesIO(data))
-            img.load()
-            img = to_rgb(img)
-        except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...
-            return BadSample(self.name(index), f'{type(e).__name__}: {e}'.splitlines()[0])
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, int(self.targets[index])
+        return file.image_bytes(row)
+
+    def __getitem__(self, index: int) -> Any:
+        return decoded_sample(self, index, self._read)
 
 
 def build_hf_datasets(config: Any, transform_train: Optional[Callable], transform_val: Optional[Callable],

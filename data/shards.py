@@ -25,9 +25,13 @@ import glob
 import io
 import json
 import logging
+import multiprocessing
 import os
 import re
+import signal
 import tarfile
+import time
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -129,12 +133,51 @@ def _index_shard(path: str) -> Tuple[List[str], List[int], List[int], List[int],
             [images[k][2] for k in order])
 
 
+def decoded_sample(dataset: Any, index: int, read: Callable[[int], Optional[bytes]]) -> Any:
+    """``(transformed RGB image, class index)`` of sample ``index`` whose encoded bytes ``read``
+    returns; a :class:`BadSample` naming it (``dataset.name``) when reading or decoding fails.
+    Only decoding is guarded: an exception raised by ``dataset.transform`` is a bug and propagates."""
+    try:
+        data = read(index)
+        if not data:
+            raise ValueError('the sample has no image bytes')
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        img = to_rgb(img)
+    except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...
+        return BadSample(dataset.name(index), f'{type(e).__name__}: {e}'.splitlines()[0])
+    if dataset.transform is not None:
+        img = dataset.transform(img)
+    return img, int(dataset.targets[index])
+
+
+def _quiet_worker() -> None:
+    # Stop signals are the training process's to act on (it saves and exits); a pool worker
+    # killed by one would only turn the stop into an error.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _index_all(shards: Sequence[str], workers: int) -> List[Tuple]:
+    """:func:`_index_shard` of every shard, in order; in ``workers`` processes when more than one
+    (tar headers are parsed in Python: about 40-80 us a sample on one core)."""
+    if workers <= 1 or len(shards) <= 1:
+        return [_index_shard(p) for p in shards]
+    # Not multiprocessing.Pool: its exit terminates the workers with SIGTERM, which they ignore.
+    pool = ProcessPoolExecutor(min(workers, len(shards)), mp_context=multiprocessing.get_context('fork'),
+                               initializer=_quiet_worker)
+    try:
+        return list(pool.map(_index_shard, shards))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 class TarShardDataset(Dataset):
     """The samples of tar ``shards`` as ``(image, class index)``; :class:`BadSample` when an image
     does not decode. ``classes`` names the classes (``targets`` index into it)."""
 
     def __init__(self, shards: Sequence[str], transform: Optional[Callable] = None,
-                 expected_counts: Optional[Dict[str, int]] = None) -> None:
+                 expected_counts: Optional[Dict[str, int]] = None, workers: int = 0) -> None:
         self.shards = list(shards)
         self.transform = transform
         keys: List[str] = []
@@ -143,8 +186,8 @@ class TarShardDataset(Dataset):
         shard_ids: List[int] = []
         targets: List[int] = []
         first_shard: Dict[str, int] = {}
-        for i, path in enumerate(self.shards):
-            k, o, s, y, _ = _index_shard(path)
+        start = time.perf_counter()
+        for i, (path, (k, o, s, y, _)) in enumerate(zip(self.shards, _index_all(self.shards, workers))):
             expected = (expected_counts or {}).get(os.path.basename(path))
             if expected is not None and expected != len(k):
                 raise DataError(f"shard '{path}' holds {len(k)} samples, {MANIFEST} says {expected}: it is "
@@ -161,6 +204,8 @@ class TarShardDataset(Dataset):
             shard_ids += [i] * len(k)
         if not keys:
             raise DataError(f"the shards ({', '.join(self.shards[:3])}) hold no samples")
+        _logger.info("indexed %d samples in %d shard(s) in %.1f s", len(keys), len(self.shards),
+                     time.perf_counter() - start)
         # numpy arrays: no per-sample Python objects for the loader workers to copy.
         self.keys = np.array([k.encode() for k in keys], dtype=np.bytes_)
         self.offsets = np.asarray(offsets, dtype=np.int64)
@@ -188,20 +233,15 @@ class TarShardDataset(Dataset):
     def name(self, index: int) -> str:
         return f"{self.shards[self.shard_ids[index]]}:{self.keys[index].decode()}"
 
-    def __getitem__(self, index: int) -> Any:
+    def _read(self, index: int) -> bytes:
         shard, size = int(self.shard_ids[index]), int(self.sizes[index])
-        try:
-            data = os.pread(self._fd(shard), size, int(self.offsets[index]))
-            if len(data) != size:
-                raise OSError(f'read {len(data)} of {size} bytes (the shard shrank after indexing)')
-            img = Image.open(io.BytesIO(data))
-            img.load()
-            img = to_rgb(img)
-        except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...
-            return BadSample(self.name(index), f'{type(e).__name__}: {e}'.splitlines()[0])
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, int(self.targets[index])
+        data = os.pread(self._fd(shard), size, int(self.offsets[index]))
+        if len(data) != size:
+            raise OSError(f'read {len(data)} of {size} bytes (the shard shrank after indexing)')
+        return data
+
+    def __getitem__(self, index: int) -> Any:
+        return decoded_sample(self, index, self._read)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -265,7 +305,7 @@ def _manifest(root: str) -> Optional[dict]:
 
 
 def _split(root: str, pattern: str, key: str, split: str, manifest: Optional[dict],
-           transform: Optional[Callable]) -> TarShardDataset:
+           transform: Optional[Callable], workers: int) -> TarShardDataset:
     default = not pattern
     pattern = pattern or os.path.join(split, '*.tar')
     if not os.path.isabs(os.path.expanduser(pattern)):
@@ -282,7 +322,7 @@ def _split(root: str, pattern: str, key: str, split: str, manifest: Optional[dic
         if missing:
             raise DataError(f"shard '{os.path.join(root, split, missing[0])}' is missing ({len(missing)} of the "
                             f"{len(expected)} {split} shards in {MANIFEST}): copy it back")
-    return TarShardDataset(paths, transform=transform, expected_counts=expected)
+    return TarShardDataset(paths, transform=transform, expected_counts=expected, workers=workers)
 
 
 def build_shard_datasets(config: Any, transform_train: Optional[Callable], transform_val: Optional[Callable],
@@ -300,7 +340,10 @@ def build_shard_datasets(config: Any, transform_train: Optional[Callable], trans
                 'val': ('DATA.VAL_SHARDS', str(config.DATA.VAL_SHARDS or ''), transform_val)}
     # Training classes are needed for the val check: always index the training split.
     needed = ['train'] + [s for s in splits if s != 'train']
-    datasets = {s: _split(root, patterns[s][1], patterns[s][0], s, manifest, patterns[s][2]) for s in needed}
+    # Indexing runs in the loader workers' share of the cores (DATA.NUM_WORKERS processes).
+    workers = int(config.DATA.NUM_WORKERS)
+    datasets = {s: _split(root, patterns[s][1], patterns[s][0], s, manifest, patterns[s][2], workers)
+                for s in needed}
     if classes is None:
         classes = [str(i) for i in range(int(datasets['train'].targets.max()) + 1)]
     apply_classes(datasets, classes, f"the {len(classes)} classes of '{class_file}'" if class_file else None,

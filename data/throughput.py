@@ -19,7 +19,7 @@ import json
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -76,6 +76,31 @@ def loader_throughput(config: Any, device_normalize: bool, num_workers: int, bat
             'images_per_s': per_second, 'images_per_s_per_worker': per_second / max(int(num_workers), 1)}
 
 
+def _alternating(variants: Dict[str, Any], num_workers: int, batches: int, warmup: int, rounds: int,
+                 device: Union[str, torch.device, None], train: bool, main_threads: int,
+                 on_result: Optional[Callable[[Dict[str, Any]], None]]) -> Tuple[Dict[str, float], Dict[str, Any]]:
+    """Time each ``(config, device_normalize)`` of ``variants`` once a round, the order reversed every
+    other round so that none always runs first; ``(median images/s per worker by name, last result)``.
+    On a CPU the main process (the device's work) runs with ``main_threads`` threads meanwhile."""
+    per_worker: Dict[str, List[float]] = {name: [] for name in variants}
+    result: Dict[str, Any] = {}
+    threads = torch.get_num_threads()
+    if torch.device(device if device is not None else 'cpu').type == 'cpu':
+        torch.set_num_threads(main_threads)
+    try:
+        for r in range(rounds):
+            for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+                config, device_normalize = variants[name]
+                result = loader_throughput(config, device_normalize, num_workers, batches, warmup, device, train)
+                result['round'] = r + 1
+                per_worker[name].append(result['images_per_s_per_worker'])
+                if on_result is not None:
+                    on_result(result)
+    finally:
+        torch.set_num_threads(threads)
+    return {name: statistics.median(values) for name, values in per_worker.items()}, result
+
+
 def compare_pipelines(config: Any, num_workers: int, batches: int = 30, warmup: int = 5, rounds: int = 3,
                       device: Union[str, torch.device, None] = None, train: bool = True, main_threads: int = 1,
                       on_result: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
@@ -83,23 +108,8 @@ def compare_pipelines(config: Any, num_workers: int, batches: int = 30, warmup: 
     ``ratio`` = device-normalised / float, and ``images_timed`` per measurement. On a CPU the
     main process, which does the device's work, runs with ``main_threads`` threads meanwhile, so
     that it does not take the workers' cores. ``on_result`` sees every single measurement."""
-    per_worker: Dict[str, List[float]] = {'float': [], 'device_normalize': []}
-    result: Dict[str, Any] = {}
-    threads = torch.get_num_threads()
-    if torch.device(device if device is not None else 'cpu').type == 'cpu':
-        torch.set_num_threads(main_threads)
-    try:
-        for r in range(rounds):
-            # Every other round starts with the other pipeline: neither always runs first.
-            for device_normalize in ((False, True) if r % 2 == 0 else (True, False)):
-                result = loader_throughput(config, device_normalize, num_workers, batches, warmup, device, train)
-                result['round'] = r + 1
-                per_worker[result['pipeline']].append(result['images_per_s_per_worker'])
-                if on_result is not None:
-                    on_result(result)
-    finally:
-        torch.set_num_threads(threads)
-    medians = {name: statistics.median(values) for name, values in per_worker.items()}
+    medians, result = _alternating({'float': (config, False), 'device_normalize': (config, True)}, num_workers,
+                                   batches, warmup, rounds, device, train, main_threads, on_result)
     return {'workers': int(num_workers), 'device': result['device'], 'batch_size': result['batch_size'],
             'rounds': int(rounds), 'images_timed': result['batches'] * result['batch_size'],
             'float_per_worker': medians['float'], 'device_normalize_per_worker': medians['device_normalize'],
@@ -113,31 +123,17 @@ def compare_sources(config: Any, shards_path: str, num_workers: int, batches: in
     """The folder source of ``config`` and the WebDataset shards at ``shards_path`` (the same
     images), alternating for ``rounds`` rounds in ``config``'s pipeline: the median images/s per
     worker of each and ``ratio`` = shards / folder."""
-    sources = {'folder': config.clone(), 'wds': config.clone()}
-    for name, cfg in sources.items():
+    variants = {}
+    for name in ('folder', 'wds'):
+        cfg = config.clone()
         cfg.defrost()
         cfg.DATA.FORMAT = name
         if name == 'wds':
             cfg.DATA.DATA_PATH = shards_path
         cfg.freeze()
-    per_worker: Dict[str, List[float]] = {name: [] for name in sources}
-    result: Dict[str, Any] = {}
-    threads = torch.get_num_threads()
-    if torch.device(device if device is not None else 'cpu').type == 'cpu':
-        torch.set_num_threads(main_threads)
-    try:
-        for r in range(rounds):
-            for name in (('folder', 'wds') if r % 2 == 0 else ('wds', 'folder')):
-                cfg = sources[name]
-                result = loader_throughput(cfg, bool(cfg.DATA.DEVICE_NORMALIZE), num_workers, batches, warmup,
-                                           device, train)
-                result['round'] = r + 1
-                per_worker[name].append(result['images_per_s_per_worker'])
-                if on_result is not None:
-                    on_result(result)
-    finally:
-        torch.set_num_threads(threads)
-    medians = {name: statistics.median(values) for name, values in per_worker.items()}
+        variants[name] = (cfg, bool(cfg.DATA.DEVICE_NORMALIZE))
+    medians, result = _alternating(variants, num_workers, batches, warmup, rounds, device, train, main_threads,
+                                   on_result)
     return {'workers': int(num_workers), 'device': result['device'], 'batch_size': result['batch_size'],
             'pipeline': result['pipeline'], 'rounds': int(rounds),
             'images_timed': result['batches'] * result['batch_size'],

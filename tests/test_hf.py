@@ -27,6 +27,7 @@ from data.build import build_loader  # noqa: E402
 from data.folder import SafeImageFolder, load_rgb  # noqa: E402
 from data.hf import build_hf_datasets  # noqa: E402
 from hf_files import write_hf  # noqa: E402
+from test_shards import _digest  # noqa: E402
 
 LAYOUTS = ('saved', 'parquet')
 
@@ -175,12 +176,6 @@ def test_without_pyarrow_the_error_names_the_install(tiny_hf, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- end to end
-def _digest(text: str) -> str:
-    found = re.findall(r'parameter digest \(rank 0\): ([0-9a-f]{64})', text)
-    assert found, 'no parameter digest logged'
-    return found[-1]
-
-
 @pytest.mark.slow
 def test_a_preempted_and_resumed_run_from_hf_equals_the_folder_run(tmp_path, tiny_hf, tiny_reference):
     args = tiny_args(str(Path(tiny_hf) / 'saved'), 'DATA.FORMAT', 'hf')

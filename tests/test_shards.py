@@ -291,3 +291,14 @@ def test_throughput_compares_the_sources_on_the_same_images(tiny_data, tiny_shar
     assert [r['source'] for r in lines[:-1]] == ['folder', 'wds', 'wds', 'folder']
     summary = lines[-1]['summary']
     assert summary['ratio'] == pytest.approx(summary['wds_per_worker'] / summary['folder_per_worker'])
+
+
+def test_indexing_in_worker_processes_gives_the_same_dataset(tiny_shards, tmp_path):
+    paths = sorted(str(p) for p in Path(tiny_shards, 'train').glob('*.tar'))
+    one, pooled = TarShardDataset(paths), TarShardDataset(paths, workers=3)
+    for name in ('keys', 'offsets', 'sizes', 'shard_ids', 'targets'):
+        assert np.array_equal(getattr(one, name), getattr(pooled, name)), name
+    root = _copy(tiny_shards, tmp_path)
+    (root / 'train' / 'train-000003.tar').write_bytes(b'\0' * 100)
+    with pytest.raises(DataError, match="train-000003.tar' cannot be read as a tar file"):
+        TarShardDataset(sorted(str(p) for p in (root / 'train').glob('*.tar')), workers=3)
