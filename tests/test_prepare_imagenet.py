@@ -257,3 +257,23 @@ def test_a_full_disk_is_one_line_and_the_rerun_continues(tmp_path, small_disk):
     assert rerun.returncode == 0, rerun.stderr
     assert _tree(out) == expected_tree(arch)
     assert (small_disk / 'wds' / 'shards.json').is_file()
+
+
+def test_shuffled_shards_hold_the_same_samples_in_a_fixed_order(tmp_path, capsys, arch):
+    out = tmp_path / 'o'
+    assert _run(capsys, _folder_args(arch, out))[0] == 0
+
+    def members(shards):
+        names = []
+        for path in sorted((shards / 'train').glob('*.tar')):
+            with tarfile.open(path) as tar:
+                names += [m.name for m in tar.getmembers() if m.name.endswith('.jpg')]
+        return names
+    runs = []
+    for name, seed in (('a', '3'), ('b', '3'), ('plain', None)):
+        args = ['shards', '--folder', str(out), '--out', str(tmp_path / name), '--shard-size', '5']
+        assert _run(capsys, args + (['--shuffle-seed', seed] if seed else []))[0] == 0
+        runs.append(members(tmp_path / name))
+    assert runs[0] == runs[1] != runs[2] and sorted(runs[0]) == sorted(runs[2]) == runs[2]
+    assert 'shard-size must be >= 1' in _error(capsys, ['shards', '--folder', str(out), '--out',
+                                                        str(tmp_path / 'z'), '--shard-size', '0'])

@@ -26,7 +26,7 @@ from data import DataError
 from data.build import build_loader
 from data.folder import SafeImageFolder, load_rgb
 from data.samplers import DistributedEvalSampler, ResumableDistributedSampler
-from data.shards import TarShardDataset, build_shard_datasets, expand_braces, shard_paths
+from data.shards import TarShardDataset, build_shard_datasets, expand_braces
 
 sys.path.insert(0, str(REPO / 'tools'))
 import prepare_imagenet  # noqa: E402

@@ -54,7 +54,6 @@ FOLDER_PARTIAL = '.prepare_imagenet.partial.json'
 SHARDS_PARTIAL = 'shards.partial.json'
 IMAGENET_COUNTS = {'classes': 1000, 'train': 1281167, 'val': 50000}
 _WNID_TAR = re.compile(r'^(n\d{8})\.tar$')
-_WNID = re.compile(r'^n\d{8}$')
 _CHUNK = 1 << 20
 
 
