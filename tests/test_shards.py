@@ -302,3 +302,22 @@ def test_indexing_in_worker_processes_gives_the_same_dataset(tiny_shards, tmp_pa
     (root / 'train' / 'train-000003.tar').write_bytes(b'\0' * 100)
     with pytest.raises(DataError, match="train-000003.tar' cannot be read as a tar file"):
         TarShardDataset(sorted(str(p) for p in (root / 'train').glob('*.tar')), workers=3)
+
+
+def test_resume_with_another_world_size_continues_at_the_same_sample(tiny_shards):
+    """Two ranks stop after 2 batches of 2; one rank with batches of 4 continues: every training
+    sample of the epoch is seen, none twice (24 = 4 x 2 x 2 + 2 x 4)."""
+    from checkpoint import resume_position
+    train = build_shard_datasets(_cfg(tiny_shards), None, None)['train']
+    before = []
+    for rank in range(2):
+        sampler = ResumableDistributedSampler(train, num_replicas=2, rank=rank, seed=0, batch_size=2)
+        sampler.set_epoch(1)
+        before += list(sampler)[:2 * 2]
+    epoch, batch, repeated = resume_position({'epoch': 1, 'iteration': 2, 'samples_seen': 8},
+                                             iters_per_epoch=24 // 4, global_batch=4)
+    sampler = ResumableDistributedSampler(train, num_replicas=1, rank=0, seed=0, batch_size=4)
+    sampler.set_epoch(epoch, start_batch=batch)
+    after = list(sampler)
+    assert (epoch, batch, repeated) == (1, 2, 0)
+    assert sorted(before + after) == list(range(24))
