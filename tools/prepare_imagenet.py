@@ -108,6 +108,8 @@ def _begin(out: str, marker: str, partial: str, options: dict, outputs: Sequence
     done = _read_json(os.path.join(out, marker))
     if done is not None:
         if done.get('options') == options:
+            with contextlib.suppress(FileNotFoundError):   # killed between the marker and this removal
+                os.remove(os.path.join(out, partial))
             return False
         raise PrepareError(f"'{out}' already holds a finished {what} made from other inputs or options (see "
                            f"{os.path.join(out, marker)}): it is never overwritten; choose another --out, or "
