@@ -29,6 +29,15 @@ _C.DATA = CN()
 _C.DATA.BATCH_SIZE = 128          # per GPU / process
 _C.DATA.DATA_PATH = ''            # ImageFolder root holding train/ and val/
 _C.DATA.DATASET = 'imagenet'
+# Where the images come from: 'folder' (an ImageFolder root with train/ and val/), 'wds'
+# (WebDataset tar shards, data/shards.py) or 'hf' (a local Hugging Face dataset, data/hf.py).
+# For 'wds' / 'hf', the file patterns of each split (brace ranges and globs, relative to DATA_PATH;
+# empty: train/*.tar and val/*.tar, or the dataset's own splits) and the class-index file (one
+# class name per line; empty: DATA_PATH/classes.txt when present, else the dataset's labels).
+_C.DATA.FORMAT = 'folder'
+_C.DATA.TRAIN_SHARDS = ''
+_C.DATA.VAL_SHARDS = ''
+_C.DATA.CLASS_INDEX = ''
 _C.DATA.IMG_SIZE = 224
 _C.DATA.INTERPOLATION = 'bicubic'
 _C.DATA.PIN_MEMORY = True

@@ -134,6 +134,7 @@ NULLABLE = ('AUG.CUTMIX_MINMAX', 'TRAIN.CLIP_GRAD')
 CHOICES: Dict[str, Tuple[str, ...]] = {
     'DATA.INTERPOLATION': ('bicubic', 'bilinear', 'nearest', 'lanczos', 'hamming', 'box', 'random'),
     'DATA.DATASET': ('imagenet', 'imagefolder'),
+    'DATA.FORMAT': ('folder', 'wds', 'hf'),
     'MODEL.ATTN_IMPL': ('auto', 'reference', 'fused'),
     'MODEL.DAT.deform_arith': ('pp', 'v1'),
     'MODEL.DAT.qna_activation': ('exp', 'sigmoid', 'linear'),
@@ -145,7 +146,7 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     'TEST.RESIZE_MODE': ('square', 'shorter_side'),
 }
 # Case-insensitive choices (the official code lower-cases these names).
-_ANY_CASE = ('TRAIN.OPTIMIZER.NAME', 'TRAIN.LR_SCHEDULER.NAME', 'DATA.DATASET')
+_ANY_CASE = ('TRAIN.OPTIMIZER.NAME', 'TRAIN.LR_SCHEDULER.NAME', 'DATA.DATASET', 'DATA.FORMAT')
 
 # Pairs of keys that hold one value: setting either sets both (the later source wins); one
 # source giving both with different values is an error.

@@ -1,4 +1,5 @@
-"""Data pipeline: ImageNet-layout datasets, transforms, samplers, loaders and mixup.
+"""Data pipeline: ImageNet-layout folders, WebDataset tar shards and local Hugging Face datasets
+(``DATA.FORMAT``), transforms, samplers, loaders and mixup.
 
 See :mod:`data.build` for the loader contract: every loader yields 3-tuples
 ``(images, targets, n_skipped)``. Names are imported lazily, so ``python -m data.demo`` does
@@ -10,7 +11,8 @@ from typing import Any
 from .errors import DataError
 
 _EXPORTS = {
-    'build_loader': 'build', 'build_dataset': 'build', 'build_transform': 'build',
+    'build_loader': 'build', 'build_dataset': 'build', 'build_datasets': 'build', 'build_transform': 'build',
+    'TarShardDataset': 'shards', 'HFImageDataset': 'hf',
     'build_mixup': 'build', 'OddSafeMixup': 'build',
     'SafeImageFolder': 'folder', 'SafeDataLoader': 'folder', 'SkipBadCollate': 'folder',
     'load_rgb': 'folder', 'to_rgb': 'folder', 'check_data_root': 'folder',

@@ -41,7 +41,7 @@ from .folder import DataError, SafeDataLoader, SafeImageFolder, SkipBadCollate, 
 from .device import DeviceNormalizeLoader
 from .samplers import DistributedEvalSampler, ResumableDistributedSampler, dist_info
 
-__all__ = ['build_transform', 'build_dataset', 'build_loader', 'build_mixup', 'OddSafeMixup',
+__all__ = ['build_transform', 'build_dataset', 'build_datasets', 'build_loader', 'build_mixup', 'OddSafeMixup',
            'eval_resize_size', 'eval_resize']
 
 _logger = logging.getLogger('dat.data')
@@ -164,17 +164,53 @@ def _data_root(config: Any) -> str:
     return os.path.expanduser(str(config.DATA.DATA_PATH or ''))
 
 
-def build_dataset(is_train: bool, config: Any) -> Tuple[SafeImageFolder, int]:
-    """``(dataset, num_classes)`` for ``DATA.DATA_PATH/train`` or ``/val`` (ImageNet layout)."""
+def data_format(config: Any) -> str:
+    """``DATA.FORMAT``, lower-cased: 'folder', 'wds' or 'hf'."""
+    return str(getattr(config.DATA, 'FORMAT', 'folder') or 'folder').lower()
+
+
+def _check_dataset_name(config: Any) -> None:
     dataset_name = str(config.DATA.DATASET).lower()
     if dataset_name not in ('imagenet', 'imagefolder'):
         raise DataError(f"DATA.DATASET '{config.DATA.DATASET}' is not supported: use 'imagenet' "
                         f"(any ImageFolder layout with train/ and val/)")
-    root = _data_root(config)
+
+
+def _source_builder(config: Any) -> Callable:
+    """The ``build_*_datasets(config, transform_train, transform_val, splits)`` of a non-folder source."""
+    if data_format(config) == 'hf':
+        from .hf import build_hf_datasets
+        return build_hf_datasets
+    from .shards import build_shard_datasets
+    return build_shard_datasets
+
+
+def build_dataset(is_train: bool, config: Any) -> Tuple[Any, int]:
+    """``(dataset, num_classes)`` for the training or validation split of ``DATA.FORMAT``:
+    ``DATA.DATA_PATH/train`` or ``/val`` (ImageNet layout), the split's tar shards (:mod:`data.shards`)
+    or its Hugging Face files (:mod:`data.hf`)."""
+    _check_dataset_name(config)
     split = 'train' if is_train else 'val'
+    if data_format(config) != 'folder':
+        dataset = _source_builder(config)(config, build_transform(True, config) if is_train else None,
+                                          None if is_train else build_transform(False, config), splits=(split,))[split]
+        return dataset, len(dataset.classes)
+    root = _data_root(config)
     check_data_root(root, splits=(split,))
     dataset = SafeImageFolder(os.path.join(root, split), transform=build_transform(is_train, config))
     return dataset, len(dataset.classes)
+
+
+def build_datasets(config: Any) -> Tuple[Any, Any, int]:
+    """``(train, val, num_classes)``, both splits held to one class list (``DATA.FORMAT``)."""
+    _check_dataset_name(config)
+    if data_format(config) != 'folder':
+        datasets = _source_builder(config)(config, build_transform(True, config), build_transform(False, config))
+        return datasets['train'], datasets['val'], len(datasets['train'].classes)
+    check_data_root(_data_root(config), splits=('train', 'val'))
+    dataset_train, num_classes = build_dataset(is_train=True, config=config)
+    dataset_val, _ = build_dataset(is_train=False, config=config)
+    return dataset_train, dataset_val, num_classes
 
 
 # ----------------------------------------------------------------------------- mixup
@@ -228,11 +264,9 @@ def build_loader(config: Any, device: Union[str, torch.device, None] = None,
     """
     num_replicas, rank = dist_info()
     root = _data_root(config)
-    check_data_root(root, splits=('train', 'val'))
-    dataset_train, num_classes = build_dataset(is_train=True, config=config)
-    dataset_val, _ = build_dataset(is_train=False, config=config)
-    _logger.info("rank %d/%d: %d train and %d val images in %d classes from %s", rank, num_replicas,
-                 len(dataset_train), len(dataset_val), num_classes, root)
+    dataset_train, dataset_val, num_classes = build_datasets(config)
+    _logger.info("rank %d/%d: %d train and %d val images in %d classes from %s (%s)", rank, num_replicas,
+                 len(dataset_train), len(dataset_val), num_classes, root, data_format(config))
     if num_classes > config.MODEL.NUM_CLASSES:
         raise DataError(f"the dataset has {num_classes} classes but MODEL.NUM_CLASSES is "
                         f"{config.MODEL.NUM_CLASSES}: set MODEL.NUM_CLASSES {num_classes} "
