@@ -225,6 +225,21 @@ def start_main(args: Sequence[str], output: Path, tag: str = 'run', cfg: str = D
                             env=subprocess_env(), stdout=out, stderr=err)
 
 
+@contextlib.contextmanager
+def mounted_tmpfs(mount: Path, size: str, why_skip: str = ''):
+    """A real tmpfs of ``size`` at ``mount`` (a real full filesystem); skips the test where mounting
+    is not allowed, and unmounts at the end."""
+    mount.mkdir()
+    made = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(mount)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f'cannot mount a tmpfs here ({made.stderr.strip() or made.returncode}){why_skip}')
+    try:
+        yield mount
+    finally:
+        subprocess.run(['umount', '-l', str(mount)], capture_output=True)
+
+
 def free_port() -> int:
     """A port the kernel hands out as free (bound sockets never share one, so tests running side by
     side in pytest-xdist workers get different ports)."""

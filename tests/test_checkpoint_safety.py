@@ -18,8 +18,8 @@ from typing import Optional, Sequence
 import pytest
 import torch
 
-from conftest import (MODEL_NAME, REPO, Run, file_digests, kill_group, load_ckpt, main_cmd, run_main,
-                      start_main, subprocess_env, tiny_args, wait_for)
+from conftest import (MODEL_NAME, REPO, Run, file_digests, kill_group, load_ckpt, main_cmd, mounted_tmpfs,
+                      run_main, start_main, subprocess_env, tiny_args, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -91,17 +91,8 @@ def test_failing_checkpoint_write_is_one_line_with_tensorboard_on(tmp_path, tiny
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A 1.8 MB tmpfs: room for one tiny checkpoint and the logs, not for a second checkpoint."""
-    mount = tmp_path / 'disk'
-    mount.mkdir()
-    made = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1800k', 'tmpfs', str(mount)],
-                          capture_output=True, text=True)
-    if made.returncode != 0:
-        pytest.skip(f'cannot mount a tmpfs here ({made.stderr.strip() or made.returncode}); '
-                    f'the file-size-limit test covers the same path')
-    try:
+    with mounted_tmpfs(tmp_path / 'disk', '1800k', '; the file-size-limit test covers the same path') as mount:
         yield mount
-    finally:
-        subprocess.run(['umount', '-l', str(mount)], capture_output=True)
 
 
 def test_full_disk_is_one_line_and_keeps_earlier_checkpoints(small_tmpfs, tiny_data, tiny_reference):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, kill_group, subprocess_env, wait_for
+from conftest import REPO, kill_group, mounted_tmpfs, subprocess_env, wait_for
 from ilsvrc_archives import expected_tree, make_archives, tree_files
 
 sys.path.insert(0, str(REPO / 'tools'))
@@ -229,16 +229,8 @@ def test_killed_mid_run_then_rerun_gives_the_same_tree(tmp_path):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 600 kB tmpfs (a real full filesystem), enlarged by the test with ``mount -o remount``."""
-    mount = tmp_path / 'disk'
-    mount.mkdir()
-    made = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=600k', 'tmpfs', str(mount)],
-                          capture_output=True, text=True)
-    if made.returncode != 0:
-        pytest.skip(f'cannot mount a tmpfs here ({made.stderr.strip() or made.returncode})')
-    try:
+    with mounted_tmpfs(tmp_path / 'disk', '600k') as mount:
         yield mount
-    finally:
-        subprocess.run(['umount', '-l', str(mount)], capture_output=True)
 
 
 @pytest.mark.slow
