@@ -271,7 +271,6 @@ def _centres(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.linspace(0.5, n - 0.5, n, dtype=dtype, device=device)
 
 
-@register_notrace_module   # the key grid size (and its checks) depend on the input shape
 def sdpa_layout(t: torch.Tensor, heads: int) -> torch.Tensor:
     """(B*heads, c, N) channel-major -> (B, heads, N, c) contiguous: the layout SDPA's flash,
     memory-efficient and cuDNN kernels accept (a transposed view, last stride != 1, sends every
@@ -294,6 +293,7 @@ def deformable_bias_kind(bias: Optional[torch.Tensor]) -> int:
     return 0 if bias is None else (1 if bias.shape[0] == 1 else 2)
 
 
+@register_notrace_module   # the key grid size (and its checks) depend on the input shape
 class DAttention(nn.Module):
     """D: deformable multi-head attention (DAT / DAT++).
 

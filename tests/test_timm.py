@@ -202,6 +202,21 @@ def test_timm_model_api() -> None:
         assert torch.allclose(plain[n], checkpointed[n], rtol=1e-4, atol=1e-6), n
 
 
+def test_fx_leaves_are_module_classes() -> None:
+    # torchvision's FX tracer passes timm's leaf registry to isinstance(): one function in it breaks
+    # FX feature extraction for every model, whichever module registered it.
+    from timm.layers import get_notrace_modules
+    bad = [m for m in get_notrace_modules() if not (isinstance(m, type) and issubclass(m, torch.nn.Module))]
+    assert not bad, f'register_notrace_module given non-module classes: {bad}'
+
+
+@pytest.mark.parametrize('name', ['dat_pp_tiny', 'dat_v1_tiny', 'vitaev2_vsa_s', 'debiformer_tiny'])
+def test_fx_graph_node_names(name: str) -> None:
+    from timm.models import get_graph_node_names
+    train_nodes, eval_nodes = get_graph_node_names(timm.create_model(name, num_classes=3))
+    assert train_nodes and eval_nodes
+
+
 def test_in_chans() -> None:
     model = timm.create_model('dat_plus_tiny', in_chans=1, num_classes=3).eval()
     assert model.patch_proj[0].in_channels == 1 and model.in_chans == 1
