@@ -17,7 +17,9 @@ from models import build_model  # noqa: E402
 from models.dat_blocks import DAttention  # noqa: E402
 from tools.flops import PAPER_GMACS, count_flops, main as flops_main  # noqa: E402
 
-PAPER = [('dat_tiny', 224, 4.3), ('dat_small', 224, 9.4), ('dat_base', 224, 16.6), ('dat_base_384', 384, 49.7)]
+# The tiny model in the fast layer; the larger ones (seconds each on CPU) in the slow layer.
+PAPER = [('dat_tiny', 224, 4.3)] + [pytest.param(*row, marks=pytest.mark.slow) for row in
+                                    (('dat_small', 224, 9.4), ('dat_base', 224, 16.6), ('dat_base_384', 384, 49.7))]
 
 
 @pytest.mark.parametrize('name,size,paper', PAPER)

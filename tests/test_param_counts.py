@@ -17,7 +17,9 @@ OFFICIAL_PARAMS = {
 }
 
 
-@pytest.mark.parametrize('name,expected', sorted(OFFICIAL_PARAMS.items()))
+# The base models take seconds to build on CPU: slow layer.
+@pytest.mark.parametrize('name,expected', [pytest.param(n, e, marks=[pytest.mark.slow] if 'base' in n else [])
+                                           for n, e in sorted(OFFICIAL_PARAMS.items())])
 def test_param_count(name: str, expected: int) -> None:
     model = build_model(load_config(str(CONFIGS / f'{name}.yaml')))
     assert sum(p.numel() for p in model.parameters()) == expected
@@ -32,7 +34,7 @@ V1_PARAMS = {
 }
 
 
-@pytest.mark.parametrize('name', sorted(V1_PARAMS))
+@pytest.mark.parametrize('name', [pytest.param(n, marks=[pytest.mark.slow] if 'base' in n else []) for n in sorted(V1_PARAMS)])
 def test_v1_param_count(name: str) -> None:
     exact, paper_millions = V1_PARAMS[name]
     model = build_model(load_config(str(CONFIGS / f'{name}.yaml')))
