@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,6 +87,22 @@ def test_a_finished_tree_is_never_overwritten(tmp_path, capsys, arch):
     (foreign / 'train' / 'cls').mkdir(parents=True)
     assert 'this tool did not make' in _error(capsys, _folder_args(arch, foreign))
     assert [p.name for p in foreign.iterdir()] == ['train']
+
+
+def test_the_output_is_a_folder_outside_every_input(tmp_path, capsys, arch):
+    train, val = tmp_path / 'train_tars', tmp_path / 'val_flat'
+    shutil.copytree(arch.train_dir, train)
+    shutil.copytree(arch.val_dir, val)
+    (tmp_path / 'afile').write_text('')
+    before = tree_files(tmp_path)
+    for out, flag in ((val / 'out', 'is inside --val'), (val, 'is --val'), (train / 'x', 'is inside --train')):
+        assert flag in _error(capsys, _folder_args(arch, out, 'wnid', train, val))
+    assert 'is a file' in _error(capsys, _folder_args(arch, tmp_path / 'afile', 'wnid', train, val))
+    assert tree_files(tmp_path) == before                                # nothing written anywhere
+    tree = tmp_path / 'tree'
+    assert _run(capsys, _folder_args(arch, tree, 'wnid', train, val))[0] == 0
+    assert 'is inside --folder train/' in _error(capsys, ['shards', '--folder', str(tree), '--out', str(tree / 'train' / 's')])
+    assert _run(capsys, ['shards', '--folder', str(tree), '--out', str(tree / 'shards')])[0] == 0
 
 
 def test_labels_that_do_not_match_are_one_line_errors(tmp_path, capsys, arch):

@@ -355,12 +355,27 @@ def _publish(out: str, split: str) -> None:
         os.rename(work, os.path.join(out, split))
 
 
+def _check_out(out: str, inputs: Sequence[Tuple[str, str]]) -> None:
+    """``out`` must be a folder (or not exist yet) outside every input folder: writing into an input
+    would change what is being read."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise PrepareError(f"--out '{out}' is a file, not a folder: give a folder to write into")
+    real = os.path.realpath(out)
+    for flag, path in inputs:
+        if os.path.isdir(path):
+            source = os.path.realpath(path)
+            if real == source or real.startswith(source.rstrip(os.sep) + os.sep):
+                where = 'is' if real == source else 'is inside'
+                raise PrepareError(f"--out '{out}' {where} {flag} '{path}': write the output somewhere else")
+
+
 def prepare_folder(train: str, val: str, val_labels: str, out: str,
                    expect: Dict[str, Optional[int]]) -> bool:
     """Archives -> ``out/train`` and ``out/val``; False when ``out`` was already finished."""
     for flag, path in (('--train', train), ('--val', val), ('--val-labels', val_labels)):
         if not os.path.exists(path):
             raise PrepareError(f"{flag} '{path}' does not exist")
+    _check_out(out, (('--train', train), ('--val', val)))
     options = {'train': _source_id(train), 'val': _source_id(val), 'val_labels': _source_id(val_labels)}
     if not _begin(out, FOLDER_MARKER, FOLDER_PARTIAL, options, ('train', 'val'), 'ImageFolder tree'):
         print(f"'{out}' is already complete (made by an identical command): nothing to do")
@@ -445,6 +460,7 @@ def prepare_shards(folder: str, out: str, shard_size: int, shuffle_seed: Optiona
     for split in ('train', 'val'):
         if not os.path.isdir(os.path.join(folder, split)):
             raise PrepareError(f"--folder '{folder}' has no {split}/ folder: give the root holding train/ and val/")
+    _check_out(out, tuple((f'--folder {split}/', os.path.join(folder, split)) for split in ('train', 'val')))
     classes = class_folders(os.path.join(folder, 'train'))
     if not classes or class_folders(os.path.join(folder, 'val')) != classes:
         raise PrepareError(f"'{folder}/train' and '{folder}/val' need the same, non-empty class folders")
