@@ -121,12 +121,14 @@ class Trainer:
     def build(self, with_data: bool = True) -> None:
         config, logger = self.config, self.logger
         self.mixup_fn = None
-        if with_data:
+        if with_data:   # evaluation reads the validation split alone
             (self.dataset_train, self.dataset_val, self.loader_train, self.loader_val,
-             self.mixup_fn) = build_loader(config, device=self.device, worker_init_fn=ignore_stop_signals)
-            logger.info("data: %d train / %d val images, %d classes, %d train iterations per epoch",
-                        len(self.dataset_train), len(self.dataset_val), len(self.dataset_val.classes),
-                        len(self.loader_train))
+             self.mixup_fn) = build_loader(config, device=self.device, worker_init_fn=ignore_stop_signals,
+                                           train=not config.EVAL_MODE)
+            if self.dataset_train is not None:
+                logger.info("data: %d train / %d val images, %d classes, %d train iterations per epoch",
+                            len(self.dataset_train), len(self.dataset_val), len(self.dataset_val.classes),
+                            len(self.loader_train))
 
         logger.info("creating model %s/%s", config.MODEL.TYPE, config.MODEL.NAME)
         self.model_without_ddp = build_checked_model(config, self.device)

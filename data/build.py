@@ -250,9 +250,33 @@ def _pin_memory(config: Any) -> bool:
     return bool(config.DATA.PIN_MEMORY) and torch.cuda.is_available()
 
 
+def _val_only(config: Any, device: Union[str, torch.device, None], common: dict):
+    """The validation split alone (evaluation): ``(None, dataset_val, None, data_loader_val, None)``."""
+    dataset_val, num_classes = build_dataset(is_train=False, config=config)
+    root = _data_root(config)
+    _logger.info("%d val images in %d classes from %s (%s)", len(dataset_val), num_classes, root, data_format(config))
+    folder_alone = data_format(config) == 'folder' and not os.path.isdir(os.path.join(root, 'train'))
+    if num_classes > config.MODEL.NUM_CLASSES or (folder_alone and num_classes != config.MODEL.NUM_CLASSES):
+        # Folder labels are positions in the sorted class folders: other counts than the model's
+        # would give images the wrong label silently.
+        raise DataError(f"'{os.path.join(root, 'val')}' has {num_classes} classes but the model has "
+                        f"MODEL.NUM_CLASSES {config.MODEL.NUM_CLASSES}: evaluate on the split the model was "
+                        f"trained for (every class folder), or put its train/ beside val/")
+    if num_classes < config.MODEL.NUM_CLASSES:
+        _logger.warning("the dataset has %d classes, fewer than MODEL.NUM_CLASSES=%d",
+                        num_classes, config.MODEL.NUM_CLASSES)
+    num_replicas, rank = dist_info()
+    loader = SafeDataLoader(dataset_val, sampler=DistributedEvalSampler(dataset_val, num_replicas=num_replicas, rank=rank),
+                            batch_size=int(config.DATA.BATCH_SIZE), shuffle=False, drop_last=False, **common)
+    if config.DATA.DEVICE_NORMALIZE:
+        loader = DeviceNormalizeLoader(loader, device=device)
+    return None, dataset_val, None, loader, None
+
+
 def build_loader(config: Any, device: Union[str, torch.device, None] = None,
-                 worker_init_fn: Optional[Callable[[int], None]] = None):
-    """``(dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn)``.
+                 worker_init_fn: Optional[Callable[[int], None]] = None, train: bool = True):
+    """``(dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn)``; with
+    ``train=False`` (evaluation) only the validation split is read and the training entries are None.
 
     ``worker_init_fn`` runs in every loader worker process (the training side passes one that
     leaves stop signals to the main process).
@@ -262,6 +286,11 @@ def build_loader(config: Any, device: Union[str, torch.device, None] = None,
     images and both loaders are :class:`DeviceNormalizeLoader` wrappers that normalise (and, for
     training, randomly erase) on ``device`` (default: the CPU).
     """
+    collate = SkipBadCollate(image_size=int(config.DATA.IMG_SIZE), uint8=bool(config.DATA.DEVICE_NORMALIZE))
+    common = dict(num_workers=int(config.DATA.NUM_WORKERS), pin_memory=_pin_memory(config),
+                  collate_fn=collate, worker_init_fn=worker_init_fn)
+    if not train:
+        return _val_only(config, device, common)
     num_replicas, rank = dist_info()
     root = _data_root(config)
     dataset_train, dataset_val, num_classes = build_datasets(config)
@@ -284,10 +313,6 @@ def build_loader(config: Any, device: Union[str, torch.device, None] = None,
         dataset_train, num_replicas=num_replicas, rank=rank, shuffle=True,
         seed=int(config.SEED), batch_size=batch_size)
     sampler_val = DistributedEvalSampler(dataset_val, num_replicas=num_replicas, rank=rank)
-
-    collate = SkipBadCollate(image_size=int(config.DATA.IMG_SIZE), uint8=bool(config.DATA.DEVICE_NORMALIZE))
-    common = dict(num_workers=int(config.DATA.NUM_WORKERS), pin_memory=_pin_memory(config),
-                  collate_fn=collate, worker_init_fn=worker_init_fn)
     data_loader_train = SafeDataLoader(
         dataset_train, sampler=sampler_train, batch_size=batch_size, drop_last=True,
         generator=torch.Generator(), seed=int(config.SEED) + rank, **common)

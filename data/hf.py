@@ -225,7 +225,7 @@ def build_hf_datasets(config: Any, transform_train: Optional[Callable], transfor
     patterns = {'train': ('DATA.TRAIN_SHARDS', str(config.DATA.TRAIN_SHARDS or ''), transform_train),
                 'val': ('DATA.VAL_SHARDS', str(config.DATA.VAL_SHARDS or ''), transform_val)}
     datasets: Dict[str, HFImageDataset] = {}
-    for split in ['train'] + [s for s in splits if s != 'train']:
+    for split in splits:
         key, pattern, transform = patterns[split]
         if pattern:
             full = pattern if os.path.isabs(os.path.expanduser(pattern)) else os.path.join(root, pattern)
@@ -240,13 +240,15 @@ def build_hf_datasets(config: Any, transform_train: Optional[Callable], transfor
         found = {split: [f.class_names for f in ds.files] for split, ds in datasets.items()}
         names = [n for lists in found.values() for n in lists]
         if any(n is None for n in names):
-            classes, source = [str(i) for i in range(int(datasets['train'].targets.max()) + 1)], None
+            labelled = datasets.get('train', datasets.get('val'))     # the training labels name the classes
+            classes, source = [str(i) for i in range(int(labelled.targets.max()) + 1)], None
         else:
+            first = next(iter(datasets.values())).files[0].path
             for split, lists in found.items():
                 for f, n in zip(datasets[split].files, lists):
                     if n != names[0]:
                         raise DataError(f"'{f.path}' names other classes ({len(n)}) than "
-                                        f"'{datasets['train'].files[0].path}' ({len(names[0])}): the splits' label "
+                                        f"'{first}' ({len(names[0])}): the splits' label "
                                         f"features do not match; both splits need one ClassLabel")
             classes, source = list(names[0]), f"the {len(names[0])} ClassLabel names"
     apply_classes(datasets, classes, source and f'{source}', 'the class list does not match the labels', 'files')

@@ -264,6 +264,8 @@ def apply_classes(datasets: Dict[str, Any], classes: Sequence[str], source: Opti
                 reason = 'a split without labels (such as a test split) cannot be trained or evaluated on'
             raise DataError(f"{split} sample '{ds.name(i)}' has label {int(ds.targets[i])}, outside {where}: {reason}")
         ds.set_classes(classes)
+    if 'train' not in datasets:         # evaluation alone: the labels are explicit indices
+        return
     in_train = np.bincount(datasets['train'].targets, minlength=len(classes)) > 0
     if 'val' in datasets:
         missing = np.setdiff1d(np.unique(datasets['val'].targets), np.flatnonzero(in_train))
@@ -327,7 +329,8 @@ def _split(root: str, pattern: str, key: str, split: str, manifest: Optional[dic
 
 def build_shard_datasets(config: Any, transform_train: Optional[Callable], transform_val: Optional[Callable],
                          splits: Sequence[str] = ('train', 'val')) -> Dict[str, TarShardDataset]:
-    """The datasets of ``DATA.FORMAT 'wds'``, classes set by the one rule of the module docstring."""
+    """The datasets of ``DATA.FORMAT 'wds'`` for ``splits``, classes set by the one rule of the module
+    docstring (the validation split alone, for evaluation, is held to the class-index file only)."""
     root = os.path.expanduser(str(config.DATA.DATA_PATH or ''))
     if not root or not os.path.isdir(root):
         raise DataError(f"data path '{root}' is not a folder: DATA.FORMAT 'wds' needs DATA.DATA_PATH (--data-path) "
@@ -338,14 +341,13 @@ def build_shard_datasets(config: Any, transform_train: Optional[Callable], trans
     classes = read_classes(class_file) if class_file else None
     patterns = {'train': ('DATA.TRAIN_SHARDS', str(config.DATA.TRAIN_SHARDS or ''), transform_train),
                 'val': ('DATA.VAL_SHARDS', str(config.DATA.VAL_SHARDS or ''), transform_val)}
-    # Training classes are needed for the val check: always index the training split.
-    needed = ['train'] + [s for s in splits if s != 'train']
     # Indexing runs in the loader workers' share of the cores (DATA.NUM_WORKERS processes).
     workers = int(config.DATA.NUM_WORKERS)
     datasets = {s: _split(root, patterns[s][1], patterns[s][0], s, manifest, patterns[s][2], workers)
-                for s in needed}
+                for s in splits}
     if classes is None:
-        classes = [str(i) for i in range(int(datasets['train'].targets.max()) + 1)]
+        labelled = datasets.get('train', datasets.get('val'))     # the training labels name the classes
+        classes = [str(i) for i in range(int(labelled.targets.max()) + 1)]
     apply_classes(datasets, classes, f"the {len(classes)} classes of '{class_file}'" if class_file else None,
                   'the class-index file does not match the shards', 'shards')
     if manifest is not None and manifest.get('classes') not in (None, len(classes)):

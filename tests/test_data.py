@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -542,6 +543,17 @@ def _demo_cfg(root, **opts):
     base = dict(DATA__IMG_SIZE=48, DATA__BATCH_SIZE=8, DATA__NUM_WORKERS=2, MODEL__NUM_CLASSES=4)
     base.update(opts)
     return _cfg(root, **base)
+
+
+def test_evaluation_loader_reads_val_alone_and_checks_its_classes(demo_root, tmp_path):
+    root = tmp_path / 'val_only'
+    shutil.copytree(Path(demo_root) / 'val', root / 'val')
+    ds_train, ds_val, train, val, mixup = build_loader(_demo_cfg(root), train=False)
+    assert ds_train is None and train is None and mixup is None and len(ds_val) == 20
+    assert [t for _, ts, _ in val for t in ts.tolist()] == [c for c in range(4) for _ in range(5)]
+    shutil.rmtree(root / 'val' / class_name(0))          # positions would shift: 1 -> 0, ...
+    with pytest.raises(DataError, match="has 3 classes but the model has MODEL.NUM_CLASSES 4"):
+        build_loader(_demo_cfg(root), train=False)
 
 
 def test_build_loader_end_to_end(demo_root):

@@ -198,3 +198,14 @@ def test_a_preempted_and_resumed_run_from_hf_equals_the_folder_run(tmp_path, tin
     evaluated = run_main(['--eval', '--resume', str(out_dir / 'ckpt_epoch_3.pth'), *args], tmp_path,
                          tag='eval').check()
     assert evaluated.accuracies() == tiny_reference.accuracies()[-1:]
+
+
+def test_evaluation_reads_the_validation_split_alone(tiny_hf, tmp_path):
+    full = build_loader(_cfg(Path(tiny_hf) / 'parquet'))[3]
+    root = tmp_path / 'parquet'
+    shutil.copytree(Path(tiny_hf) / 'parquet', root)
+    for f in root.rglob('train-*.parquet'):
+        f.unlink()
+    train_ds, val_ds, _, val, _ = build_loader(_cfg(root), train=False)
+    assert train_ds is None and len(val_ds) == len(full.dataset)
+    assert [y.tolist() for _, y, _ in val] == [y.tolist() for _, y, _ in full]

@@ -321,3 +321,13 @@ def test_resume_with_another_world_size_continues_at_the_same_sample(tiny_shards
     after = list(sampler)
     assert (epoch, batch, repeated) == (1, 2, 0)
     assert sorted(before + after) == list(range(24))
+
+
+def test_evaluation_reads_the_validation_shards_alone(tiny_shards, tmp_path):
+    full = build_loader(_cfg(tiny_shards))[3]
+    root = _copy(tiny_shards, tmp_path)
+    shutil.rmtree(root / 'train')
+    train_ds, val_ds, train, val, mixup = build_loader(_cfg(root), train=False)
+    assert train_ds is None and train is None and mixup is None
+    assert list(val.sampler) == list(full.sampler)
+    assert [y.tolist() for _, y, _ in val] == [y.tolist() for _, y, _ in full]
