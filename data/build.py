@@ -250,27 +250,29 @@ def _pin_memory(config: Any) -> bool:
     return bool(config.DATA.PIN_MEMORY) and torch.cuda.is_available()
 
 
-def _val_only(config: Any, device: Union[str, torch.device, None], common: dict):
-    """The validation split alone (evaluation): ``(None, dataset_val, None, data_loader_val, None)``."""
-    dataset_val, num_classes = build_dataset(is_train=False, config=config)
-    root = _data_root(config)
-    _logger.info("%d val images in %d classes from %s (%s)", len(dataset_val), num_classes, root, data_format(config))
-    folder_alone = data_format(config) == 'folder' and not os.path.isdir(os.path.join(root, 'train'))
-    if num_classes > config.MODEL.NUM_CLASSES or (folder_alone and num_classes != config.MODEL.NUM_CLASSES):
-        # Folder labels are positions in the sorted class folders: other counts than the model's
-        # would give images the wrong label silently.
-        raise DataError(f"'{os.path.join(root, 'val')}' has {num_classes} classes but the model has "
-                        f"MODEL.NUM_CLASSES {config.MODEL.NUM_CLASSES}: evaluate on the split the model was "
-                        f"trained for (every class folder), or put its train/ beside val/")
-    if num_classes < config.MODEL.NUM_CLASSES:
-        _logger.warning("the dataset has %d classes, fewer than MODEL.NUM_CLASSES=%d",
-                        num_classes, config.MODEL.NUM_CLASSES)
+def _check_class_count(config: Any, num_classes: int, val_alone: str = '') -> None:
+    """The dataset's classes against ``MODEL.NUM_CLASSES``: more is an error, fewer a warning; for a
+    ``val/`` folder read without its ``train/`` (``val_alone``) any other count is an error, since
+    folder labels are positions in the sorted class folders and would label images wrongly."""
+    wanted = int(config.MODEL.NUM_CLASSES)
+    if val_alone and num_classes != wanted:
+        raise DataError(f"'{val_alone}' has {num_classes} classes but the model has MODEL.NUM_CLASSES {wanted}: "
+                        f"evaluate on the split the model was trained for (every class folder), or put its "
+                        f"train/ beside val/")
+    if num_classes > wanted:
+        raise DataError(f"the dataset has {num_classes} classes but MODEL.NUM_CLASSES is {wanted}: set "
+                        f"MODEL.NUM_CLASSES {num_classes} (--opts MODEL.NUM_CLASSES {num_classes})")
+    if num_classes < wanted:
+        _logger.warning("the dataset has %d classes, fewer than MODEL.NUM_CLASSES=%d", num_classes, wanted)
+
+
+def _val_loader(config: Any, dataset_val: Any, device: Union[str, torch.device, None], common: dict):
+    """Every validation image exactly once across ranks, in order."""
     num_replicas, rank = dist_info()
-    loader = SafeDataLoader(dataset_val, sampler=DistributedEvalSampler(dataset_val, num_replicas=num_replicas, rank=rank),
+    loader = SafeDataLoader(dataset_val, sampler=DistributedEvalSampler(dataset_val, num_replicas=num_replicas,
+                                                                        rank=rank),
                             batch_size=int(config.DATA.BATCH_SIZE), shuffle=False, drop_last=False, **common)
-    if config.DATA.DEVICE_NORMALIZE:
-        loader = DeviceNormalizeLoader(loader, device=device)
-    return None, dataset_val, None, loader, None
+    return DeviceNormalizeLoader(loader, device=device) if config.DATA.DEVICE_NORMALIZE else loader
 
 
 def build_loader(config: Any, device: Union[str, torch.device, None] = None,
@@ -289,20 +291,19 @@ def build_loader(config: Any, device: Union[str, torch.device, None] = None,
     collate = SkipBadCollate(image_size=int(config.DATA.IMG_SIZE), uint8=bool(config.DATA.DEVICE_NORMALIZE))
     common = dict(num_workers=int(config.DATA.NUM_WORKERS), pin_memory=_pin_memory(config),
                   collate_fn=collate, worker_init_fn=worker_init_fn)
-    if not train:
-        return _val_only(config, device, common)
     num_replicas, rank = dist_info()
     root = _data_root(config)
+    if not train:
+        dataset_val, num_classes = build_dataset(is_train=False, config=config)
+        _logger.info("rank %d/%d: %d val images in %d classes from %s (%s)", rank, num_replicas,
+                     len(dataset_val), num_classes, root, data_format(config))
+        alone = data_format(config) == 'folder' and not os.path.isdir(os.path.join(root, 'train'))
+        _check_class_count(config, num_classes, os.path.join(root, 'val') if alone else '')
+        return None, dataset_val, None, _val_loader(config, dataset_val, device, common), None
     dataset_train, dataset_val, num_classes = build_datasets(config)
     _logger.info("rank %d/%d: %d train and %d val images in %d classes from %s (%s)", rank, num_replicas,
                  len(dataset_train), len(dataset_val), num_classes, root, data_format(config))
-    if num_classes > config.MODEL.NUM_CLASSES:
-        raise DataError(f"the dataset has {num_classes} classes but MODEL.NUM_CLASSES is "
-                        f"{config.MODEL.NUM_CLASSES}: set MODEL.NUM_CLASSES {num_classes} "
-                        f"(--opts MODEL.NUM_CLASSES {num_classes})")
-    if num_classes < config.MODEL.NUM_CLASSES:
-        _logger.warning("the dataset has %d classes, fewer than MODEL.NUM_CLASSES=%d",
-                        num_classes, config.MODEL.NUM_CLASSES)
+    _check_class_count(config, num_classes)
 
     batch_size = int(config.DATA.BATCH_SIZE)
     if len(dataset_train) < batch_size * num_replicas:
@@ -312,17 +313,12 @@ def build_loader(config: Any, device: Union[str, torch.device, None] = None,
     sampler_train = ResumableDistributedSampler(
         dataset_train, num_replicas=num_replicas, rank=rank, shuffle=True,
         seed=int(config.SEED), batch_size=batch_size)
-    sampler_val = DistributedEvalSampler(dataset_val, num_replicas=num_replicas, rank=rank)
     data_loader_train = SafeDataLoader(
         dataset_train, sampler=sampler_train, batch_size=batch_size, drop_last=True,
         generator=torch.Generator(), seed=int(config.SEED) + rank, **common)
-    data_loader_val = SafeDataLoader(
-        dataset_val, sampler=sampler_val, batch_size=batch_size, shuffle=False, drop_last=False,
-        **common)
-
     if config.DATA.DEVICE_NORMALIZE:
         aug = config.AUG
         data_loader_train = DeviceNormalizeLoader(
             data_loader_train, device=device, re_prob=aug.REPROB, re_mode=aug.REMODE, re_count=aug.RECOUNT)
-        data_loader_val = DeviceNormalizeLoader(data_loader_val, device=device)
+    data_loader_val = _val_loader(config, dataset_val, device, common)
     return dataset_train, dataset_val, data_loader_train, data_loader_val, build_mixup(config)
