@@ -289,7 +289,8 @@ def _unreadable(path: str, err: OSError) -> CheckpointUnreadable:
     if err.errno in (errno.EACCES, errno.EPERM):
         fix = 'fix its permissions (or run as its owner)'
     elif err.errno == errno.EISDIR:
-        fix = 'remove or rename that directory'
+        # an explicit --resume of the wrong path, or a folder in a checkpoint's place in the output
+        fix = 'pass the checkpoint file itself; a folder standing in for a checkpoint can be moved elsewhere'
     else:
         fix = 'check the file and its storage'
     return CheckpointUnreadable(f"cannot read checkpoint {path}: {reason}; {fix}, then run again "

@@ -119,6 +119,9 @@ CASES: List[tuple] = [
     ('unreadable-newest-checkpoint',   # open() fails (EISDIR): not damage, so no fall-back and no pruning
      lambda t, d, c: _newest_is_a_directory(c, tiny_args(d)), 2,
      ["cannot read checkpoint", "ckpt_epoch_1.pth: Is a directory", "nothing was deleted"]),
+    ('eval-resume-of-a-folder',        # e.g. the data folder: the fix must not be to delete it
+     lambda t, d, c: ['--eval', '--resume', d, *tiny_args(d)], 2,
+     ["cannot read checkpoint", "Is a directory", "pass the checkpoint file itself", "nothing was deleted"]),
     # -- output folder
     ('output-is-a-file',
      lambda t, d, c: [*tiny_args(d), '--output', _file(t / 'a_file')], 2,
