@@ -90,15 +90,23 @@ def test_a_corrupt_image_in_a_shard_is_skipped_and_counted(tmp_path, tiny_shards
 
 
 def test_prepare_imagenet_refusals_are_one_line(tmp_path):
-    """Through the real script: a devkit ground-truth file, and a foreign tree in --out."""
+    """Through the real script: a devkit ground-truth file, a foreign tree in --out, --out inside the
+    flat validation folder (nothing extracted into it) and --out naming a file."""
     from ilsvrc_archives import make_archives
     arch = make_archives(tmp_path / 'arch')
     (tmp_path / 'foreign' / 'val').mkdir(parents=True)
-    for labels, out, word in (('devkit', tmp_path / 'o', 'meta.mat'), ('wnid', tmp_path / 'foreign', 'did not make')):
+    (tmp_path / 'a_file').write_text('')
+    val_before = sorted(p.name for p in arch.val_dir.iterdir())
+    cases = (('devkit', arch.val_tar, tmp_path / 'o', 'meta.mat'),
+             ('wnid', arch.val_tar, tmp_path / 'foreign', 'did not make'),
+             ('wnid', arch.val_dir, arch.val_dir / 'out', 'is inside --val'),
+             ('wnid', arch.val_tar, tmp_path / 'a_file', 'is a file'))
+    for labels, val, out, word in cases:
         proc = subprocess.run([sys.executable, TOOL, 'folder', '--train', str(arch.train_tar), '--val',
-                               str(arch.val_tar), '--val-labels', str(arch.labels[labels]), '--out', str(out),
+                               str(val), '--val-labels', str(arch.labels[labels]), '--out', str(out),
                                '--any-size'], cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and word in lines[0], proc.stderr
+    assert sorted(p.name for p in arch.val_dir.iterdir()) == val_before
     with tarfile.open(arch.train_tar) as tar:
         assert len(tar.getmembers()) == 4
